@@ -1,0 +1,195 @@
+"""Typed, closed configuration: frozen dataclasses with defaults in one place.
+
+Unknown keys are an error, and every bad value is reported with the name of the
+field, the value given and what is allowed. Configs read from and write to TOML
+(one table per stage) and serialise to plain dicts for the bundle manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Causal band-pass filter and common reference.
+
+    The filter is a Butterworth band-pass in second-order sections run forward
+    only (causal), its state carried across chunks.
+    """
+
+    freq_min: float = 300.0
+    freq_max: float = 6000.0
+    filter_order: int = 3
+    reference: str = "median"  # "median", "average" or "none"
+
+    def __post_init__(self):
+        _check_positive("preprocess.freq_min", self.freq_min)
+        _check_positive("preprocess.freq_max", self.freq_max)
+        if self.freq_min >= self.freq_max:
+            raise ConfigError(
+                f"preprocess.freq_min ({self.freq_min}) must be below preprocess.freq_max ({self.freq_max})"
+            )
+        if not isinstance(self.filter_order, int) or not 1 <= self.filter_order <= 8:
+            raise ConfigError(f"preprocess.filter_order must be an integer in 1..8, got {self.filter_order!r}")
+        _check_choice("preprocess.reference", self.reference, ("median", "average", "none"))
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """The gradient detector.
+
+    A spike is a sharp slope of the filtered voltage: the detector thresholds the
+    ``slope_ms`` difference ``x[t] - x[t - slope]`` in units of its own noise
+    (MAD / 0.6745 per channel), keeps only the steepest slope within
+    ``radius_um`` and ``sweep_ms``, aligns the event to the voltage trough within
+    ``trough_search_ms`` after the slope, requires that trough to be
+    ``amp_threshold`` voltage-noise units deep, and applies a per-channel refractory
+    period. Defaults were chosen by measurement (tools/detection_quality.py).
+    """
+
+    threshold: float = 2.5
+    amp_threshold: float = 4.5
+    slope_ms: float = 0.2
+    polarity: str = "neg"  # "neg", "pos" or "both"
+    radius_um: float = 50.0
+    sweep_ms: float = 0.4
+    trough_search_ms: float = 0.4
+    refractory_ms: float = 1.0
+    noise_window_s: float = 10.0
+
+    def __post_init__(self):
+        _check_positive("detect.threshold", self.threshold)
+        _check_positive("detect.amp_threshold", self.amp_threshold, allow_zero=True)
+        _check_positive("detect.slope_ms", self.slope_ms)
+        _check_choice("detect.polarity", self.polarity, ("neg", "pos", "both"))
+        _check_positive("detect.radius_um", self.radius_um, allow_zero=True)
+        _check_positive("detect.sweep_ms", self.sweep_ms, allow_zero=True)
+        _check_positive("detect.trough_search_ms", self.trough_search_ms, allow_zero=True)
+        _check_positive("detect.refractory_ms", self.refractory_ms, allow_zero=True)
+        _check_positive("detect.noise_window_s", self.noise_window_s)
+
+
+@dataclass(frozen=True)
+class SnippetConfig:
+    """Waveform snippets cut around each trough over the nearest channels."""
+
+    ms_before: float = 0.6
+    ms_after: float = 1.0
+    n_channels: int = 8
+
+    def __post_init__(self):
+        _check_positive("snippets.ms_before", self.ms_before, allow_zero=True)
+        _check_positive("snippets.ms_after", self.ms_after)
+        if not isinstance(self.n_channels, int) or self.n_channels < 1:
+            raise ConfigError(f"snippets.n_channels must be an integer >= 1, got {self.n_channels!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every stage's configuration."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    snippets: SnippetConfig = field(default_factory=SnippetConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """Build a config from nested dicts; unknown tables or keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration must be a table, got {type(data).__name__}")
+        sections = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown configuration table(s) {unknown}; allowed: {sorted(sections)}")
+        kwargs = {}
+        for f in fields(cls):
+            if f.name in data:
+                kwargs[f.name] = _section_from_dict(_SECTION_TYPES[f.name], f.name, data[f.name])
+        return cls(**kwargs)
+
+
+_SECTION_TYPES = {"preprocess": PreprocessConfig, "detect": DetectConfig, "snippets": SnippetConfig}
+
+
+def _section_from_dict(cls, name: str, data: Any):
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{name}] must be a table, got {data!r}")
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{name}]; allowed: {sorted(allowed)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(default) is not type(value):
+            raise ConfigError(
+                f"{name}.{key} must be {type(default).__name__}, got {type(value).__name__} {value!r}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML configuration file (``None`` gives the defaults)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    return Config.from_dict(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to TOML")
+
+
+def dump_config(config: Config) -> str:
+    """Write a configuration as TOML text (one table per stage)."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)

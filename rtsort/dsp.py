@@ -1,0 +1,281 @@
+"""Causal preprocessing: band-pass filter (second-order sections) and common reference.
+
+One numba kernel converts raw samples to microvolts, runs every biquad section
+forward (float32) with its state carried across chunks, and subtracts the
+common median (or average) reference, writing float32 into a preallocated
+buffer. The arithmetic per sample does not depend on how the stream is cut into
+chunks, so streaming output equals whole-recording output exactly.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from scipy import signal
+
+from .config import PreprocessConfig
+from .errors import ConfigError
+
+_REF_CODES = {"none": 0, "median": 1, "average": 2}
+
+
+def design_bandpass(cfg: PreprocessConfig, sampling_rate: float) -> np.ndarray:
+    """Butterworth band-pass as second-order sections, shape (n_sections, 6), float64.
+
+    If ``freq_max`` reaches the Nyquist frequency the filter is a high-pass.
+    """
+    nyq = sampling_rate / 2.0
+    if cfg.freq_min >= nyq:
+        raise ConfigError(
+            f"preprocess.freq_min ({cfg.freq_min} Hz) must be below the Nyquist frequency ({nyq} Hz)"
+        )
+    if cfg.freq_max >= nyq * 0.99:
+        return signal.butter(cfg.filter_order, cfg.freq_min, btype="highpass", fs=sampling_rate, output="sos")
+    return signal.butter(
+        cfg.filter_order, [cfg.freq_min, cfg.freq_max], btype="bandpass", fs=sampling_rate, output="sos"
+    )
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _select_kth(a, n, k):
+    """Partially sort ``a[:n]`` in place so that ``a[k]`` is its k-th smallest value.
+
+    Branch-free three-way partitioning around a median-of-three pivot: on random
+    data this is 2-3x faster than a branching quickselect (mispredictions).
+    Afterwards every ``a[i]`` with ``i < k`` is <= ``a[k]``.
+    """
+    lo = 0
+    hi = n
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        x0 = a[lo]
+        x1 = a[mid]
+        x2 = a[hi - 1]
+        pivot = max(min(x0, x1), min(max(x0, x1), x2))
+        store = lo
+        for i in range(lo, hi):
+            v = a[i]
+            a[i] = a[store]
+            a[store] = v
+            store += v < pivot
+        eq = store
+        for i in range(store, hi):
+            v = a[i]
+            a[i] = a[eq]
+            a[eq] = v
+            eq += v == pivot
+        if k < store:
+            hi = store
+        elif k < eq:
+            return
+        else:
+            lo = eq
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _median_bracketed(row, buf, state):
+    """Exact median of ``row`` (float32), as ``np.median`` gives it.
+
+    Medians of consecutive samples are close, so the previous median ``state[0]``
+    and a bracket half-width ``state[1]`` select the few values near the middle
+    with one vectorisable counting pass; only those are partially sorted. A miss
+    widens the bracket, and after a few misses the whole row is selected. The
+    result is exact whatever the bracket: the state changes speed, never values.
+    """
+    n = row.shape[0]
+    r_hi = n // 2
+    r_lo = (n - 1) // 2
+    p = state[0]
+    d = state[1]
+    for _ in range(3):
+        lo = p - d
+        hi = p + d
+        below = 0
+        above = 0
+        for i in range(n):  # counting only: vectorises
+            v = row[i]
+            below += v < lo
+            above += v > hi
+        m = n - below - above
+        if below <= r_lo and r_hi < below + m:
+            m = 0
+            for i in range(n):
+                v = row[i]
+                buf[m] = v
+                m += (v >= lo) & (v <= hi)
+            k = r_hi - below
+            _select_kth(buf, m, k)
+            upper = buf[k]
+            lower = upper
+            if r_lo < r_hi:
+                lower = buf[0]
+                for q in range(1, k):
+                    lower = max(lower, buf[q])
+                if k == 0:  # the lower middle is below the bracket's window: impossible here
+                    lower = upper
+            # keep about 16-48 values inside the bracket
+            if m > 48:
+                d *= np.float32(0.7)
+            elif m < 16:
+                d *= np.float32(1.4)
+            state[0] = np.float32((np.float64(lower) + np.float64(upper)) * 0.5)
+            state[1] = max(d, np.float32(1e-6))
+            return state[0]
+        d *= np.float32(4.0)
+    for i in range(n):
+        buf[i] = row[i]
+    _select_kth(buf, n, r_hi)
+    upper = buf[r_hi]
+    lower = upper
+    if r_lo < r_hi:
+        lower = buf[0]
+        for q in range(1, r_hi):
+            lower = max(lower, buf[q])
+    state[0] = np.float32((np.float64(lower) + np.float64(upper)) * 0.5)
+    state[1] = max(d, np.float32(1e-6))
+    return state[0]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _preprocess_kernel(raw, gain, offset, sos, z0, z1, out, ref_code, cur, buf, med_state):
+    """Filter + reference ``raw`` (n, C) into ``out`` (n, C) float32; return the non-finite count.
+
+    ``z0``, ``z1`` (n_sections, C) float32 hold the transposed-direct-form-II
+    state, updated in place (separate arrays so the channel loop vectorises).
+    Non-finite input samples are replaced by 0 uV so they cannot poison the
+    filter state, and counted.
+    """
+    n, n_ch = raw.shape
+    n_sec = sos.shape[0]
+    bad = 0
+    for t in range(n):
+        for c in range(n_ch):
+            v = raw[t, c] * gain[c] + offset[c]
+            if not np.isfinite(v):
+                v = np.float32(0.0)
+                bad += 1
+            cur[c] = v
+        for s in range(n_sec):
+            b0 = sos[s, 0]
+            b1 = sos[s, 1]
+            b2 = sos[s, 2]
+            a1 = sos[s, 4]
+            a2 = sos[s, 5]
+            for c in range(n_ch):
+                x = cur[c]
+                y = b0 * x + z0[s, c]
+                z0[s, c] = b1 * x - a1 * y + z1[s, c]
+                z1[s, c] = b2 * x - a2 * y
+                cur[c] = y
+        if ref_code == 0:
+            ref = np.float32(0.0)
+        elif ref_code == 1:
+            ref = _median_bracketed(cur, buf, med_state)
+        else:
+            acc = 0.0
+            for c in range(n_ch):
+                acc += cur[c]
+            ref = np.float32(acc / n_ch)
+        for c in range(n_ch):
+            out[t, c] = cur[c] - ref
+    return bad
+
+
+class Preprocessor:
+    """Stateful causal preprocessing of a stream: raw chunk in, float32 uV out.
+
+    Parameters
+    ----------
+    cfg : PreprocessConfig
+    sampling_rate : float
+    n_channels : int
+    gains_to_uV, offsets_to_uV : ndarray of shape (n_channels,)
+        Conversion of raw units to microvolts.
+
+    Notes
+    -----
+    The filter state starts at the steady state for the first sample (as
+    ``scipy.signal.sosfilt_zi`` does), so a DC offset in the raw data does not
+    ring through the first milliseconds and cause false detections.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, sampling_rate: float, n_channels: int,
+                 gains_to_uV=1.0, offsets_to_uV=0.0):
+        self.cfg = cfg
+        self.sampling_rate = float(sampling_rate)
+        self.n_channels = int(n_channels)
+        sos = design_bandpass(cfg, sampling_rate)
+        self._zi_unit = signal.sosfilt_zi(sos)  # (n_sections, 2), float64
+        # float32 arithmetic: 2x the float64 speed, within 4e-6 of scipy's float64 sosfilt
+        self.sos = np.ascontiguousarray(sos, dtype=np.float32)
+        self.gain = np.broadcast_to(np.asarray(gains_to_uV, dtype=np.float32), (n_channels,)).copy()
+        self.offset = np.broadcast_to(np.asarray(offsets_to_uV, dtype=np.float32), (n_channels,)).copy()
+        self._ref_code = _REF_CODES[cfg.reference]
+        self._cur = np.zeros(n_channels, dtype=np.float32)
+        self._buf = np.zeros(n_channels, dtype=np.float32)
+        self._out = np.zeros((0, n_channels), dtype=np.float32)
+        self.n_nonfinite = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the filter state (the next chunk starts a new stream)."""
+        n_sec = self.sos.shape[0]
+        self.z0 = np.zeros((n_sec, self.n_channels), dtype=np.float32)
+        self.z1 = np.zeros((n_sec, self.n_channels), dtype=np.float32)
+        self._med_state = np.array([0.0, 1.0], dtype=np.float32)  # previous median, bracket half-width
+        self._started = False
+
+    def _start(self, first_row: np.ndarray) -> None:
+        x0 = first_row.astype(np.float32) * self.gain + self.offset
+        x0 = np.where(np.isfinite(x0), x0, 0.0).astype(np.float64)
+        self.z0[:] = self._zi_unit[:, 0, None] * x0[None, :]
+        self.z1[:] = self._zi_unit[:, 1, None] * x0[None, :]
+        self._started = True
+
+    def process(self, samples: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Filter and reference one chunk.
+
+        Parameters
+        ----------
+        samples : ndarray of shape (n_samples, n_channels)
+            Raw samples (any real dtype).
+        out : ndarray of shape (n_samples, n_channels), float32, optional
+            Destination; by default an internal buffer reused between calls
+            (the returned view is valid until the next call).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_channels), float32, microvolts
+        """
+        if samples.ndim != 2 or samples.shape[1] != self.n_channels:
+            raise ConfigError(f"chunk has shape {samples.shape}, expected (n_samples, {self.n_channels})")
+        n = samples.shape[0]
+        if out is None:
+            if self._out.shape[0] < n:
+                self._out = np.empty((max(n, 2 * self._out.shape[0]), self.n_channels), dtype=np.float32)
+            out = self._out[:n]
+        if n == 0:
+            return out
+        if not self._started:
+            self._start(samples[0])
+        self.n_nonfinite += _preprocess_kernel(
+            samples, self.gain, self.offset, self.sos, self.z0, self.z1, out, self._ref_code,
+            self._cur, self._buf, self._med_state,
+        )
+        return out
+
+    def warmup(self) -> None:
+        """Compile the kernel for int16 and float32 input without touching the state."""
+        saved = (self.z0.copy(), self.z1.copy(), self._med_state.copy(), self._started, self.n_nonfinite)
+        for dt in (np.int16, np.float32, np.float64):
+            self._started = True
+            self.process(np.zeros((2, self.n_channels), dtype=dt))
+        self.z0[:], self.z1[:], self._med_state[:] = saved[:3]
+        self._started, self.n_nonfinite = saved[3], saved[4]
+
+
+def preprocess_array(samples: np.ndarray, cfg: PreprocessConfig, sampling_rate: float,
+                     gains_to_uV=1.0, offsets_to_uV=0.0) -> np.ndarray:
+    """Preprocess a whole array in one call (the same kernel and start-up as streaming)."""
+    pre = Preprocessor(cfg, sampling_rate, samples.shape[1], gains_to_uV, offsets_to_uV)
+    return pre.process(samples, out=np.empty(samples.shape, dtype=np.float32))

@@ -1,0 +1,164 @@
+"""Detection quality against ground truth.
+
+Per unit: recall (true spikes with a detection within ``tolerance_ms`` on a
+channel within ``radius_um`` of the unit's peak channel) and SNR (peak of the
+unit's mean filtered waveform over the noise of its peak channel, both measured
+on the preprocessed data the detector sees). Overall: precision (detections
+that match some true spike the same way), the false-positive rate
+(1 - precision) and per second, and F1.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .detect import MAD_TO_SIGMA
+
+SNR_BINS = ((3.0, 5.0), (5.0, 8.0), (8.0, 15.0), (15.0, np.inf))
+
+
+def bin_label(lo: float, hi: float) -> str:
+    return f"[{lo:g}, {hi:g})" if np.isfinite(hi) else f">= {lo:g}"
+
+
+def unit_templates(filtered: np.ndarray, truth_index: np.ndarray, truth_unit: np.ndarray, n_units: int,
+                   half_width: int) -> np.ndarray:
+    """Mean filtered waveform per unit around its true spike times.
+
+    Returns
+    -------
+    ndarray of shape (n_units, 2 * half_width + 1, n_channels), float32
+    """
+    n, n_ch = filtered.shape
+    out = np.zeros((n_units, 2 * half_width + 1, n_ch), dtype=np.float64)
+    counts = np.zeros(n_units)
+    ok = (truth_index >= half_width) & (truth_index < n - half_width)
+    offsets = np.arange(-half_width, half_width + 1)
+    for u in range(n_units):
+        idx = truth_index[ok & (truth_unit == u)]
+        if idx.size == 0:
+            continue
+        idx = idx[:2000]
+        out[u] = filtered[idx[:, None] + offsets[None, :]].mean(0)
+        counts[u] = idx.size
+    return out.astype(np.float32)
+
+
+def noise_levels_mad(filtered: np.ndarray) -> np.ndarray:
+    """Per-channel noise of filtered data: MAD / 0.6745, shape (n_channels,)."""
+    med = np.median(filtered, axis=0)
+    return (np.median(np.abs(filtered - med), axis=0) * MAD_TO_SIGMA).astype(np.float32)
+
+
+@numba.njit(cache=True)
+def _match(det_t, det_c, tru_t, tru_u, unit_chan_ok, tol):
+    """Greedy-free matching flags: for each true spike, is there a detection within tol on an
+    allowed channel; for each detection, is there such a true spike. Both sorted by time."""
+    n_det = det_t.shape[0]
+    n_tru = tru_t.shape[0]
+    hit = np.zeros(n_tru, dtype=np.bool_)
+    good = np.zeros(n_det, dtype=np.bool_)
+    j0 = 0
+    for i in range(n_tru):
+        t = tru_t[i]
+        while j0 < n_det and det_t[j0] < t - tol:
+            j0 += 1
+        j = j0
+        while j < n_det and det_t[j] <= t + tol:
+            if unit_chan_ok[tru_u[i], det_c[j]]:
+                hit[i] = True
+                good[j] = True
+            j += 1
+    return hit, good
+
+
+def detection_quality(events: np.ndarray, truth_index: np.ndarray, truth_unit: np.ndarray,
+                      filtered: np.ndarray, positions_um: np.ndarray, sampling_rate: float,
+                      tolerance_ms: float = 0.4, radius_um: float = 75.0, n_units: int | None = None,
+                      valid_stop: int | None = None) -> dict:
+    """Recall per SNR bin, precision, false positives and F1 of ``events`` against the truth.
+
+    Parameters
+    ----------
+    events : ndarray of EVENT_DTYPE
+    truth_index, truth_unit : ndarray of shape (n_spikes,)
+    filtered : ndarray of shape (n_samples, n_channels), float32
+        The preprocessed recording the detector saw (for templates, SNR and noise).
+    valid_stop : int, optional
+        True spikes at or after this sample are ignored (the detector's undecided tail).
+    """
+    n_units = int(truth_unit.max()) + 1 if n_units is None else n_units
+    tol = int(round(tolerance_ms * sampling_rate / 1000.0))
+    half = int(round(1.0 * sampling_rate / 1000.0))
+    valid_stop = filtered.shape[0] if valid_stop is None else valid_stop
+    keep = (truth_index >= half) & (truth_index < valid_stop - half)
+    truth_index, truth_unit = truth_index[keep], truth_unit[keep]
+    templates = unit_templates(filtered, truth_index, truth_unit, n_units, half)
+    noise = noise_levels_mad(filtered)
+    peak_per_chan = np.abs(templates).max(axis=1)  # (units, channels)
+    peak_channel = peak_per_chan.argmax(axis=1)
+    snr = peak_per_chan[np.arange(n_units), peak_channel] / noise[peak_channel]
+    dist = np.linalg.norm(positions_um[:, None, :2] - positions_um[None, :, :2], axis=2)
+    unit_chan_ok = dist[peak_channel] <= radius_um
+    order = np.argsort(truth_index, kind="stable")
+    tru_t, tru_u = truth_index[order].astype(np.int64), truth_unit[order].astype(np.int64)
+    ev = events[events["sample_index"] < valid_stop]
+    det_t = ev["sample_index"].astype(np.int64)
+    det_c = ev["channel"].astype(np.int64)
+    dorder = np.argsort(det_t, kind="stable")
+    hit, good = _match(det_t[dorder], det_c[dorder], tru_t, tru_u, unit_chan_ok, tol)
+    recall_unit = np.array([hit[tru_u == u].mean() if np.any(tru_u == u) else np.nan for u in range(n_units)])
+    bins = {}
+    for lo, hi in SNR_BINS:
+        sel = (snr[tru_u] >= lo) & (snr[tru_u] < hi)
+        bins[bin_label(lo, hi)] = {
+            "n_units": int(((snr >= lo) & (snr < hi)).sum()),
+            "n_spikes": int(sel.sum()),
+            "recall": float(hit[sel].mean()) if sel.any() else None,
+        }
+    n_det = int(det_t.size)
+    precision = float(good.mean()) if n_det else 0.0
+    sel5 = snr[tru_u] >= 5
+    recall = float(hit[sel5].mean()) if sel5.any() else 0.0
+    recall_all = float(hit.mean()) if hit.size else 0.0
+    duration = valid_stop / sampling_rate
+    f1 = 2 * precision * recall_all / (precision + recall_all) if precision + recall_all else 0.0
+    return {
+        "n_detections": n_det,
+        "n_true_spikes": int(tru_t.size),
+        "recall": recall_all,
+        "recall_snr_ge_5": recall,
+        "precision": precision,
+        "false_positive_rate": 1.0 - precision if n_det else 0.0,
+        "false_positives_per_s": float((~good).sum() / duration),
+        "f1": f1,
+        "recall_by_snr": bins,
+        "unit_snr": snr.astype(float).tolist(),
+        "unit_recall": recall_unit.astype(float).tolist(),
+    }
+
+
+def detect_locally_exclusive(filtered: np.ndarray, positions_um: np.ndarray, sampling_rate: float,
+                             **method_kwargs) -> np.ndarray:
+    """SpikeInterface's ``detect_peaks(method="locally_exclusive")`` with its defaults, on the same data.
+
+    Returns events in rtsort's EVENT_DTYPE (amplitude in uV from the data).
+    """
+    from spikeinterface.core import NumpyRecording
+    from spikeinterface.sortingcomponents.peak_detection import detect_peaks
+
+    from .types import EVENT_DTYPE
+
+    rec = NumpyRecording([np.ascontiguousarray(filtered)], sampling_frequency=sampling_rate)
+    rec.set_dummy_probe_from_locations(np.asarray(positions_um)[:, :2])
+    noise = noise_levels_mad(filtered)
+    kwargs = dict(noise_levels=noise)
+    kwargs.update(method_kwargs)
+    peaks = detect_peaks(rec, method="locally_exclusive", method_kwargs=kwargs,
+                         job_kwargs=dict(n_jobs=1, chunk_duration="1s", progress_bar=False))
+    ev = np.zeros(peaks.size, dtype=EVENT_DTYPE)
+    ev["sample_index"] = peaks["sample_index"]
+    ev["channel"] = peaks["channel_index"]
+    ev["amplitude"] = peaks["amplitude"]
+    return ev

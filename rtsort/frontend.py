@@ -1,0 +1,162 @@
+"""The signal path shared by training and the runtime: preprocess -> detect -> snippets.
+
+:class:`FrontEnd` holds one stateful object per stage. Training streams a file
+through it in chunks; the runtime streams live chunks through the very same
+object, so offline and online spikes cannot differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import Config
+from .detect import GradientDetector
+from .dsp import Preprocessor, preprocess_array
+from .errors import ConfigError
+from .io.recording import Recording
+from .snippets import SnippetExtractor
+from .types import EVENT_DTYPE, Probe
+
+log = logging.getLogger("rtsort.frontend")
+
+
+@dataclass
+class FrontEndOutput:
+    """What one chunk produced.
+
+    Attributes
+    ----------
+    events : ndarray of EVENT_DTYPE, shape (k,)
+        Events whose snippets are complete.
+    waveforms : ndarray of shape (k, T, K), float32 (uV), or None when snippets are off
+    wait : ndarray of shape (k,), int64
+        Samples from each trough to the end of the chunk that completed it.
+    filtered : ndarray of shape (n_samples, n_channels), float32
+        The preprocessed chunk (a view into a reused buffer: copy to keep it).
+    """
+
+    events: np.ndarray
+    waveforms: np.ndarray | None
+    wait: np.ndarray
+    filtered: np.ndarray
+
+
+class FrontEnd:
+    """Preprocessing, detection and snippet extraction for one stream.
+
+    Parameters
+    ----------
+    config : Config
+    probe : Probe
+    sampling_rate : float
+    gains_to_uV, offsets_to_uV : float or ndarray of shape (n_channels,)
+    noise_levels : ndarray of shape (2, n_channels), optional
+        Detector noise levels (from a bundle); else call :meth:`calibrate`.
+    snippets : bool
+        Cut waveforms (off for detection-only work).
+    """
+
+    def __init__(self, config: Config, probe: Probe, sampling_rate: float, gains_to_uV=1.0,
+                 offsets_to_uV=0.0, noise_levels=None, snippets: bool = True):
+        self.config = config
+        self.probe = probe
+        self.sampling_rate = float(sampling_rate)
+        self.n_channels = probe.n_channels
+        self.preprocessor = Preprocessor(config.preprocess, sampling_rate, self.n_channels, gains_to_uV,
+                                         offsets_to_uV)
+        self.detector = GradientDetector(config.detect, probe, sampling_rate, noise_levels)
+        self.snippets = (
+            SnippetExtractor(config.snippets, probe, sampling_rate, self.detector.delay_samples)
+            if snippets else None
+        )
+        self._next_sample = 0
+
+    @classmethod
+    def for_recording(cls, config: Config, recording: Recording, noise_levels=None, snippets: bool = True):
+        return cls(config, recording.probe, recording.sampling_rate, recording.gains_to_uV,
+                   recording.offsets_to_uV, noise_levels, snippets)
+
+    @property
+    def noise_levels(self) -> np.ndarray | None:
+        return self.detector.noise_levels
+
+    @property
+    def latency_floor_ms(self) -> float:
+        """The algorithmic wait after a trough before its spike can leave (detector or snippet)."""
+        nafter = self.snippets.nafter - 1 if self.snippets is not None else 0
+        return max(self.detector.delay_samples, nafter) * 1000.0 / self.sampling_rate
+
+    def calibrate(self, recording: Recording) -> np.ndarray:
+        """Estimate the detector's noise levels from the start of ``recording``.
+
+        The window (``detect.noise_window_s``, at most the whole recording) is
+        preprocessed by a fresh preprocessor, so the stream state is untouched.
+        """
+        n = min(recording.n_samples, int(self.config.detect.noise_window_s * recording.sampling_rate))
+        if n < int(0.1 * recording.sampling_rate):
+            raise ConfigError(
+                f"{recording.source}: {recording.n_samples} samples; at least 0.1 s is needed to estimate noise"
+            )
+        filtered = preprocess_array(recording.get_traces(0, n), self.config.preprocess, recording.sampling_rate,
+                                    recording.gains_to_uV, recording.offsets_to_uV)
+        noise = self.detector.calibrate(filtered)
+        log.info("noise levels from %.1f s: median slope noise %.2f uV, voltage noise %.2f uV",
+                 n / recording.sampling_rate, float(np.median(noise[0])), float(np.median(noise[1])))
+        return noise
+
+    def reset(self, first_sample: int = 0) -> None:
+        self.preprocessor.reset()
+        self.detector.reset(first_sample)
+        if self.snippets is not None:
+            self.snippets.reset(first_sample)
+        self._next_sample = int(first_sample)
+
+    def warmup(self) -> None:
+        """Compile every kernel before the first real chunk."""
+        self.preprocessor.warmup()
+        self.detector.warmup()
+        if self.snippets is not None:
+            self.snippets.warmup()
+
+    def process(self, samples: np.ndarray) -> FrontEndOutput:
+        """Run one chunk of raw samples through every stage."""
+        if samples.ndim != 2 or samples.shape[1] != self.n_channels:
+            raise ConfigError(f"chunk has shape {samples.shape}, expected (n_samples, {self.n_channels})")
+        first = self._next_sample
+        filtered = self.preprocessor.process(samples)
+        events = self.detector.process(filtered)
+        self._next_sample += samples.shape[0]
+        if self.snippets is None:
+            wait = (self._next_sample - 1 - events["sample_index"]).astype(np.int64)
+            return FrontEndOutput(events, None, wait, filtered)
+        ev, wf, wait = self.snippets.process(filtered, first, events)
+        return FrontEndOutput(ev, wf, wait, filtered)
+
+
+def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
+                     noise_levels=None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Detect every event of a recording through the streaming front end.
+
+    Returns
+    -------
+    events : ndarray of EVENT_DTYPE
+    noise_levels : ndarray of shape (2, n_channels), float32
+    """
+    fe = FrontEnd.for_recording(config, recording, noise_levels=noise_levels, snippets=False)
+    if noise_levels is None:
+        fe.calibrate(recording)
+    fe.warmup()
+    chunk = max(1, int(chunk_s * recording.sampling_rate))
+    stop = recording.n_samples if stop is None else min(stop, recording.n_samples)
+    pieces = []
+    with tqdm(total=stop, desc="detect", unit="sample", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for c in recording.iter_chunks(chunk, stop=stop):
+            pieces.append(fe.process(c.samples).events.copy())
+            bar.update(c.n_samples)
+    events = np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)
+    return events, fe.noise_levels

@@ -1,0 +1,30 @@
+import os
+import tempfile
+
+# numba's cache must be writable before rtsort's kernels load (cache=True)
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rtsort-test-numba"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory):
+    """A seeded 32-channel, 12-unit, 12 s ground-truth recording (the one generator behind larger tests)."""
+    from rtsort.sim import simulate
+
+    out = tmp_path_factory.mktemp("sim")
+    rec = simulate(out, n_channels=32, n_units=12, duration_s=12.0, seed=7, progress=False)
+    truth = dict(np.load(out / "truth.npz"))
+    return rec, truth, out
+
+
+@pytest.fixture(scope="session")
+def small_filtered(small_sim):
+    from rtsort.config import Config
+    from rtsort.dsp import preprocess_array
+
+    rec, _, _ = small_sim
+    cfg = Config()
+    return preprocess_array(rec.get_traces(0, rec.n_samples), cfg.preprocess, rec.sampling_rate,
+                            rec.gains_to_uV, rec.offsets_to_uV)

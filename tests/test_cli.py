@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rtsort.cli import main
+
+COMMANDS = ["simulate", "detect", "demo"]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "rtsort", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cmd", [None] + COMMANDS)
+def test_help_everywhere(cmd, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(([cmd] if cmd else []) + ["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: rtsort" in out
+    if cmd:
+        assert "(default:" in out  # defaults shown
+
+
+def test_bad_input_gives_one_line_error_and_no_traceback(tmp_path):
+    (tmp_path / "r.bin").write_bytes(b"\0" * 10)
+    (tmp_path / "r.json").write_text(json.dumps({"sampling_rate": -1, "n_channels": 2, "dtype": "int16"}))
+    res = _run("detect", str(tmp_path / "r.bin"), "--out", str(tmp_path / "e.npz"))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "sampling_rate must be a positive number" in lines[0], res.stderr
+
+
+def test_bad_argument_is_refused():
+    res = _run("simulate", "/tmp/x", "--channels", "0")
+    assert res.returncode == 2 and "must be >= 1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_simulate_then_detect_with_truth(tmp_path):
+    res = _run("-q", "simulate", str(tmp_path / "s"), "--channels", "8", "--units", "3", "--duration", "3")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "s/recording.bin").exists() and (tmp_path / "s/truth.npz").exists()
+    res = _run("-q", "detect", str(tmp_path / "s/recording.bin"), "--out", str(tmp_path / "e.npz"),
+               "--truth", str(tmp_path / "s/truth.npz"), "--json", str(tmp_path / "q.json"))
+    assert res.returncode == 0, res.stderr
+    ev = np.load(tmp_path / "e.npz")
+    assert ev["sample_index"].dtype == np.int64 and ev["sample_index"].size > 10
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert 0 < q["recall"] <= 1 and 0 < q["precision"] <= 1
+    assert "recall" in res.stdout
