@@ -97,11 +97,15 @@ def estimate_noise_levels(filtered: np.ndarray, slope: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _detect_kernel(x, start, xr, sr, last, inv_noise, amp_min, nbr, n_nbr, thr, slope, sweep, search,
-                   refr, polarity, mask, out_t, out_c, out_a):
+def _detect_kernel(x, start, xr, sr, last, deep, inv_noise, amp_min, nbr, n_nbr, thr, slope, sweep, search,
+                   refr, polarity, mask, flags, out_t, out_c, out_a):
     """Feed samples ``x[start:]`` (float32, (n, C)) through the detector.
 
-    ``amp_min`` (C,) is the smallest trough depth accepted, in uV.
+    ``amp_min`` (C,) is the smallest trough depth accepted, in uV. ``deep`` (2, C)
+    holds, per channel, the last sample at or below ``-amp_min`` (row 0) and at
+    or above ``amp_min`` (row 1): a slope with no such sample since it began
+    cannot pass the depth test, which rejects most noise slopes in the
+    vectorised flag pass instead of one by one.
     State: ``xr``/``sr`` rings (R, C) of voltages and scores, ``last`` (C,)
     last accepted trough per channel, ``mask`` = R - 1 and ``sr``'s absolute
     clock in ``last``'s extra slot ``last[C]`` (the next sample's index).
@@ -111,6 +115,7 @@ def _detect_kernel(x, start, xr, sr, last, inv_noise, amp_min, nbr, n_nbr, thr, 
     n, n_ch = x.shape
     delay = max(sweep, search)
     cap = out_t.shape[0]
+    words = flags.view(np.uint64)  # flags: uint8, length a multiple of 8, zero-padded
     n_out = 0
     t_abs = last[n_ch]
     i = start
@@ -119,61 +124,85 @@ def _detect_kernel(x, start, xr, sr, last, inv_noise, amp_min, nbr, n_nbr, thr, 
             break
         p = t_abs & mask
         pl = (t_abs - slope) & mask
-        for c in range(n_ch):
-            v = x[i, c]
-            xr[p, c] = v
-            g = (v - xr[pl, c]) * inv_noise[c]
-            if polarity == 1:
-                g = -g
-            elif polarity == 2:
-                g = -abs(g)
-            sr[p, c] = g
+        # one branch-free loop per polarity, so each vectorises
+        if polarity == 0:
+            for c in range(n_ch):
+                v = x[i, c]
+                sr[p, c] = (v - xr[pl, c]) * inv_noise[c]
+                xr[p, c] = v
+                deep[0, c] = t_abs if v <= -amp_min[c] else deep[0, c]
+        elif polarity == 1:
+            for c in range(n_ch):
+                v = x[i, c]
+                sr[p, c] = -((v - xr[pl, c]) * inv_noise[c])
+                xr[p, c] = v
+                deep[1, c] = t_abs if v >= amp_min[c] else deep[1, c]
+        else:
+            for c in range(n_ch):
+                v = x[i, c]
+                sr[p, c] = -abs((v - xr[pl, c]) * inv_noise[c])
+                xr[p, c] = v
+                deep[0, c] = t_abs if v <= -amp_min[c] else deep[0, c]
+                deep[1, c] = t_abs if v >= amp_min[c] else deep[1, c]
         tc = t_abs - delay
         if tc >= 0:
             pc = tc & mask
-            for c in range(n_ch):
-                s = sr[pc, c]
-                if not s <= -thr:
+            # flag candidates in a vectorised pass, then skip 8 channels at a time
+            if polarity == 0:
+                for c in range(n_ch):
+                    flags[c] = (sr[pc, c] <= -thr) & (deep[0, c] >= tc)
+            elif polarity == 1:
+                for c in range(n_ch):
+                    flags[c] = (sr[pc, c] <= -thr) & (deep[1, c] >= tc)
+            else:
+                for c in range(n_ch):
+                    flags[c] = (sr[pc, c] <= -thr) & ((deep[0, c] >= tc) | (deep[1, c] >= tc))
+            for wi in range(words.shape[0]):
+                if words[wi] == 0:
                     continue
-                best = True
-                for j in range(n_nbr[c]):
-                    q = nbr[c, j]
-                    for dt in range(-sweep, sweep + 1):
-                        if q == c and dt == 0:
-                            continue
-                        if tc + dt < 0:
-                            continue
-                        w = sr[(tc + dt) & mask, q]
-                        if w < s or (w == s and (dt < 0 or (dt == 0 and q < c))):
-                            best = False
+                for c in range(wi * 8, min(wi * 8 + 8, n_ch)):
+                    s = sr[pc, c]
+                    if not s <= -thr:
+                        continue
+                    # trough (or peak) first: this cheap test rejects most noise candidates
+                    falling = True
+                    if polarity == 1:
+                        falling = False
+                    elif polarity == 2:
+                        prev = xr[(tc - slope) & mask, c] if tc - slope >= 0 else np.float32(0.0)
+                        falling = (xr[pc, c] - prev) * inv_noise[c] < 0
+                    tt = tc
+                    best_v = xr[pc, c]
+                    for k in range(1, search + 1):
+                        vk = xr[(tc + k) & mask, c]
+                        if (falling and vk < best_v) or ((not falling) and vk > best_v):
+                            best_v = vk
+                            tt = tc + k
+                    if (falling and best_v > -amp_min[c]) or ((not falling) and best_v < amp_min[c]):
+                        continue
+                    best = True
+                    for j in range(n_nbr[c]):
+                        q = nbr[c, j]
+                        for dt in range(-sweep, sweep + 1):
+                            if q == c and dt == 0:
+                                continue
+                            if tc + dt < 0:
+                                continue
+                            w = sr[(tc + dt) & mask, q]
+                            if w < s or (w == s and (dt < 0 or (dt == 0 and q < c))):
+                                best = False
+                                break
+                        if not best:
                             break
                     if not best:
-                        break
-                if not best:
-                    continue
-                # direction: a falling slope goes to a trough, a rising one to a peak
-                falling = True
-                if polarity == 1:
-                    falling = False
-                elif polarity == 2:
-                    prev = xr[(tc - slope) & mask, c] if tc - slope >= 0 else np.float32(0.0)
-                    falling = (xr[pc, c] - prev) * inv_noise[c] < 0
-                tt = tc
-                best_v = xr[pc, c]
-                for k in range(1, search + 1):
-                    vk = xr[(tc + k) & mask, c]
-                    if (falling and vk < best_v) or ((not falling) and vk > best_v):
-                        best_v = vk
-                        tt = tc + k
-                if (falling and best_v > -amp_min[c]) or ((not falling) and best_v < amp_min[c]):
-                    continue
-                if tt - last[c] <= refr:
-                    continue
-                last[c] = tt
-                out_t[n_out] = tt
-                out_c[n_out] = c
-                out_a[n_out] = best_v
-                n_out += 1
+                        continue
+                    if tt - last[c] <= refr:
+                        continue
+                    last[c] = tt
+                    out_t[n_out] = tt
+                    out_c[n_out] = c
+                    out_a[n_out] = best_v
+                    n_out += 1
         t_abs += 1
         i += 1
     last[n_ch] = t_abs
@@ -224,6 +253,7 @@ class GradientDetector:
         self._out_t = np.zeros(cap, dtype=np.int64)
         self._out_c = np.zeros(cap, dtype=np.int32)
         self._out_a = np.zeros(cap, dtype=np.float32)
+        self._flags = np.zeros(-(-self.n_channels // 8) * 8, dtype=np.uint8)
         self.noise_levels = None
         self._inv_noise = None
         self._amp_min = None
@@ -242,6 +272,7 @@ class GradientDetector:
         self._sr = np.zeros((self._ring, self.n_channels), dtype=np.float32)
         self._last = np.full(self.n_channels + 1, np.iinfo(np.int64).min // 2, dtype=np.int64)
         self._last[self.n_channels] = 0
+        self._deep = np.full((2, self.n_channels), np.iinfo(np.int64).min // 2, dtype=np.int64)
         self._offset = int(first_sample)
 
     def set_noise_levels(self, noise_levels) -> None:
@@ -283,10 +314,10 @@ class GradientDetector:
         n = filtered.shape[0]
         while True:
             n_out, i = _detect_kernel(
-                filtered, i, self._xr, self._sr, self._last, self._inv_noise, self._amp_min,
+                filtered, i, self._xr, self._sr, self._last, self._deep, self._inv_noise, self._amp_min,
                 self._nbr, self._n_nbr,
                 np.float32(p.threshold), p.slope, p.sweep, p.search, p.refractory, p.polarity,
-                self._ring - 1, self._out_t, self._out_c, self._out_a,
+                self._ring - 1, self._flags, self._out_t, self._out_c, self._out_a,
             )
             ev = np.empty(n_out, dtype=EVENT_DTYPE)
             ev["sample_index"] = self._out_t[:n_out] + self._offset
@@ -299,12 +330,13 @@ class GradientDetector:
 
     def warmup(self) -> None:
         """Compile the kernel before the first real chunk, leaving the state untouched."""
-        saved = (self._xr.copy(), self._sr.copy(), self._last.copy(), self._inv_noise, self._amp_min)
+        saved = (self._xr.copy(), self._sr.copy(), self._last.copy(), self._deep.copy(), self._inv_noise,
+                 self._amp_min)
         if self._inv_noise is None:
             self._inv_noise, self._amp_min = _kernel_noise(
                 np.ones((2, self.n_channels), dtype=np.float32), self.params)
         self.process(np.zeros((2, self.n_channels), dtype=np.float32))
-        self._xr, self._sr, self._last, self._inv_noise, self._amp_min = saved
+        self._xr, self._sr, self._last, self._deep, self._inv_noise, self._amp_min = saved
 
 
 def detect_reference(filtered: np.ndarray, noise_levels: np.ndarray, cfg: DetectConfig, probe: Probe,

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Preprocess + detect speed: rtsort against SpikeInterface, same data, one thread.
+
+For each channel count, simulates a recording (30 kHz), then times
+  * rtsort: causal band-pass + common median reference + gradient detector,
+    streamed in 1 s chunks (throughput) and in 1 ms chunks (per-chunk cost);
+  * SpikeInterface: bandpass_filter + common_reference + detect_peaks(locally_exclusive)
+    over the same samples, n_jobs=1.
+Noise estimation is done before timing for both. Prints a table and writes JSON
+with rtsort_x_realtime, spikeinterface_x_realtime and speedup per channel count.
+
+    python tools/bench_detect.py [--channels 32 128 384] [--seconds 10] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def bench_rtsort(rec, seconds_chunks=1.0, chunk_ms=1.0, latency_seconds=5.0):
+    from rtsort.config import Config
+    from rtsort.frontend import FrontEnd
+
+    cfg = Config()
+    fe = FrontEnd.for_recording(cfg, rec, snippets=False)
+    fe.calibrate(rec)
+    fe.warmup()
+    raw = rec.get_traces(0, rec.n_samples)  # in memory: time compute, not disk
+    step = int(seconds_chunks * rec.sampling_rate)
+    fe.reset()
+    n_events = 0
+    t0 = time.perf_counter()
+    for s in range(0, raw.shape[0], step):
+        n_events += fe.process(raw[s : s + step]).events.size
+    dt = time.perf_counter() - t0
+    # per-chunk cost at chunk_ms
+    fe.reset()
+    c = max(1, int(round(chunk_ms * rec.sampling_rate / 1000.0)))
+    stop = min(raw.shape[0], int(latency_seconds * rec.sampling_rate))
+    times = np.empty(len(range(0, stop - c + 1, c)))
+    for i, s in enumerate(range(0, stop - c + 1, c)):
+        t = time.perf_counter()
+        fe.process(raw[s : s + c])
+        times[i] = time.perf_counter() - t
+    us = times * 1e6
+    return {
+        "seconds": rec.duration_s,
+        "wall_s": dt,
+        "x_realtime": rec.duration_s / dt,
+        "n_events": int(n_events),
+        "chunk_samples": c,
+        "chunk_us_p50": float(np.percentile(us, 50)),
+        "chunk_us_p99": float(np.percentile(us, 99)),
+        "chunk_us_max": float(us.max()),
+        "n_chunks_timed": int(us.size),
+    }
+
+
+def bench_spikeinterface(rec):
+    import spikeinterface.preprocessing as spre
+    from spikeinterface.core import BinaryRecordingExtractor, get_noise_levels
+    from spikeinterface.sortingcomponents.peak_detection import detect_peaks
+
+    si_rec = BinaryRecordingExtractor(rec.source, sampling_frequency=rec.sampling_rate, dtype="int16",
+                                      num_channels=rec.n_channels, gain_to_uV=0.195, offset_to_uV=0.0)
+    si_rec.set_dummy_probe_from_locations(rec.probe.positions_um)
+    # load into memory so both sides time compute, not disk
+    from spikeinterface.core import NumpyRecording
+
+    mem = NumpyRecording([rec.get_traces(0, rec.n_samples).astype("float32") * 0.195], rec.sampling_rate)
+    mem.set_dummy_probe_from_locations(rec.probe.positions_um)
+    pp = spre.common_reference(spre.bandpass_filter(mem, freq_min=300.0, freq_max=6000.0),
+                               reference="global", operator="median")
+    noise = get_noise_levels(pp, return_in_uV=False, seed=0)
+    job = dict(n_jobs=1, chunk_duration="1s", progress_bar=False)
+    t0 = time.perf_counter()
+    peaks = detect_peaks(pp, method="locally_exclusive", method_kwargs=dict(noise_levels=noise), job_kwargs=job)
+    dt = time.perf_counter() - t0
+    return {"wall_s": dt, "x_realtime": rec.duration_s / dt, "n_events": int(peaks.size)}
+
+
+def machine_facts():
+    import numba
+    import scipy
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    facts = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+             "numpy": np.__version__, "numba": numba.__version__, "scipy": scipy.__version__}
+    try:
+        import spikeinterface
+
+        facts["spikeinterface"] = spikeinterface.__version__
+    except ImportError:
+        pass
+    return facts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--channels", type=int, nargs="+", default=[32, 128, 384])
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds of data per channel count")
+    ap.add_argument("--chunk-ms", type=float, default=1.0, help="chunk for the per-chunk cost")
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--no-spikeinterface", action="store_true", help="time rtsort only")
+    args = ap.parse_args()
+
+    from rtsort.sim import simulate
+
+    results = {"machine": machine_facts(), "sampling_rate": 30000.0, "seconds": args.seconds, "configs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_ch in args.channels:
+            rec = simulate(Path(tmp) / f"c{n_ch}", n_ch, max(4, n_ch // 4), args.seconds, seed=0, progress=False)
+            r = bench_rtsort(rec, chunk_ms=args.chunk_ms)
+            row = {"channels": n_ch, "rtsort": r, "rtsort_x_realtime": r["x_realtime"]}
+            if not args.no_spikeinterface:
+                s = bench_spikeinterface(rec)
+                row.update(spikeinterface=s, spikeinterface_x_realtime=s["x_realtime"],
+                           speedup=r["x_realtime"] / s["x_realtime"])
+            results["configs"].append(row)
+            print(f"done {n_ch} channels", flush=True)
+
+    print()
+    print(f"preprocess + detect, 30 kHz, one thread, {args.seconds:g} s of data ({results['machine']['cpu']})")
+    print(f"{'channels':>8} {'rtsort xRT':>11} {'SI xRT':>8} {'speedup':>8} "
+          f"{'chunk':>6} {'p50 us':>8} {'p99 us':>8} {'max us':>8}")
+    for row in results["configs"]:
+        r = row["rtsort"]
+        si = f"{row['spikeinterface_x_realtime']:8.1f}" if "spikeinterface" in row else f"{'-':>8}"
+        sp = f"{row['speedup']:8.1f}" if "speedup" in row else f"{'-':>8}"
+        print(f"{row['channels']:>8d} {r['x_realtime']:11.1f} {si} {sp} {r['chunk_samples']:>6d} "
+              f"{r['chunk_us_p50']:8.1f} {r['chunk_us_p99']:8.1f} {r['chunk_us_max']:8.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
