@@ -103,37 +103,34 @@ def _median_bracketed(row, buf, state):
                 v = row[i]
                 buf[m] = v
                 m += (v >= lo) & (v <= hi)
-            k = r_hi - below
-            _select_kth(buf, m, k)
-            upper = buf[k]
-            lower = upper
-            if r_lo < r_hi:
-                lower = buf[0]
-                for q in range(1, k):
-                    lower = max(lower, buf[q])
-                if k == 0:  # the lower middle is below the bracket's window: impossible here
-                    lower = upper
+            # r_lo >= below, so k >= 1 whenever the two middle ranks differ
+            state[0] = _middle(buf, m, r_hi - below, r_lo < r_hi)
             # keep about 16-48 values inside the bracket
             if m > 48:
                 d *= np.float32(0.7)
             elif m < 16:
                 d *= np.float32(1.4)
-            state[0] = np.float32((np.float64(lower) + np.float64(upper)) * 0.5)
             state[1] = max(d, np.float32(1e-6))
             return state[0]
         d *= np.float32(4.0)
     for i in range(n):
         buf[i] = row[i]
-    _select_kth(buf, n, r_hi)
-    upper = buf[r_hi]
-    lower = upper
-    if r_lo < r_hi:
-        lower = buf[0]
-        for q in range(1, r_hi):
-            lower = max(lower, buf[q])
-    state[0] = np.float32((np.float64(lower) + np.float64(upper)) * 0.5)
+    state[0] = _middle(buf, n, r_hi, r_lo < r_hi)
     state[1] = max(d, np.float32(1e-6))
     return state[0]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _middle(buf, m, k, even):
+    """Median from ``buf[:m]`` whose upper middle has rank ``k``: mean of ranks k-1 and k if ``even``."""
+    _select_kth(buf, m, k)
+    upper = buf[k]
+    if not even:
+        return upper
+    lower = buf[0]
+    for q in range(1, k):
+        lower = max(lower, buf[q])
+    return np.float32((np.float64(lower) + np.float64(upper)) * 0.5)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
