@@ -2,7 +2,7 @@
 install:
 	bash tools/install.sh
 test:
-	bash tools/run_tests.sh
+	bash tools/loopback.sh .venv/bin/python -m pytest
 demo:
 	.venv/bin/rtsort demo
 bench:
