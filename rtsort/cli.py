@@ -94,17 +94,18 @@ def _add_detect(sub):
     p.set_defaults(func=_cmd_detect)
 
 
-def _detection_report(events, recording, truth_path: Path, config, max_seconds: float = 120.0) -> dict:
+def _ground_truth(recording, truth_path: Path, config, max_seconds: float = 120.0):
+    """Preprocess the first ``max_seconds`` once and build the scorer; return (GroundTruth, filtered)."""
     from .dsp import preprocess_array
-    from .evaluate import detection_quality
+    from .evaluate import GroundTruth
 
     truth = _load_truth(truth_path)
     n = min(recording.n_samples, int(max_seconds * recording.sampling_rate))
     filtered = preprocess_array(recording.get_traces(0, n), config.preprocess, recording.sampling_rate,
                                 recording.gains_to_uV, recording.offsets_to_uV)
-    return detection_quality(events, truth["sample_index"], truth["unit"], filtered,
-                             recording.probe.positions_um, recording.sampling_rate,
-                             valid_stop=n - int(0.002 * recording.sampling_rate))
+    scorer = GroundTruth(truth["sample_index"], truth["unit"], filtered, recording.probe.positions_um,
+                         recording.sampling_rate, valid_stop=n - int(0.002 * recording.sampling_rate))
+    return scorer, filtered
 
 
 def _load_truth(path: Path) -> dict:
@@ -155,7 +156,7 @@ def _cmd_detect(args) -> int:
     print(f"{events.size} events in {rec.duration_s:.1f} s of {rec.n_channels} channels, {dt:.1f} s "
           f"with noise calibration -> {args.out}")
     if args.truth:
-        q = _detection_report(events, rec, args.truth, config)
+        q = _ground_truth(rec, args.truth, config)[0].score(events)
         _print_quality(q)
         if args.json:
             args.json.write_text(json.dumps(q, indent=1) + "\n")
@@ -194,24 +195,15 @@ def _cmd_demo(args) -> int:
     print(f"      {events.size} events, streamed in 30 ms chunks; {dt:.1f} s with noise calibration and "
           f"kernel loading -> {out / 'events.npz'}")
     print("[3/3] scoring against ground truth (0.4 ms, 75 um)")
-    q = _detection_report(events, rec, out / "truth.npz", config)
-    _print_quality(q)
-    report = {"rtsort": q}
-    try:
-        from .dsp import preprocess_array
-        from .evaluate import detect_locally_exclusive, detection_quality
+    from .evaluate import detect_locally_exclusive
 
-        truth = _load_truth(out / "truth.npz")
-        filtered = preprocess_array(rec.get_traces(0, rec.n_samples), config.preprocess, rec.sampling_rate,
-                                    rec.gains_to_uV, rec.offsets_to_uV)
-        le = detect_locally_exclusive(filtered, rec.probe.positions_um, rec.sampling_rate)
-        q2 = detection_quality(le, truth["sample_index"], truth["unit"], filtered, rec.probe.positions_um,
-                               rec.sampling_rate, valid_stop=rec.n_samples - int(0.002 * rec.sampling_rate))
-        print("  SpikeInterface locally_exclusive on the same preprocessed data:")
-        _print_quality(q2)
-        report["locally_exclusive"] = q2
-    except ImportError:
-        pass
+    scorer, filtered = _ground_truth(rec, out / "truth.npz", config)
+    report = {"rtsort_gradient": scorer.score(events)}
+    _print_quality(report["rtsort_gradient"])
+    print("  SpikeInterface locally_exclusive on the same preprocessed data:")
+    report["si_locally_exclusive"] = scorer.score(
+        detect_locally_exclusive(filtered, rec.probe.positions_um, rec.sampling_rate))
+    _print_quality(report["si_locally_exclusive"])
     (out / "detection_quality.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"done: {out}/recording.bin, truth.npz, events.npz, detection_quality.json")
     return 0

@@ -70,10 +70,10 @@ class DetectParams:
         )
 
 
-def _mad_noise(a: np.ndarray) -> np.ndarray:
+def mad_noise(a: np.ndarray) -> np.ndarray:
+    """Per-column noise MAD / 0.6745, shape (n_channels,) float32; a flat channel gets inf (never triggers)."""
     med = np.median(a, axis=0)
     noise = (np.median(np.abs(a - med), axis=0) * MAD_TO_SIGMA).astype(np.float32)
-    # a dead (flat) channel gets an infinite noise so it never triggers
     return np.where(noise > 0, noise, np.float32(np.inf)).astype(np.float32)
 
 
@@ -93,119 +93,126 @@ def estimate_noise_levels(filtered: np.ndarray, slope: int) -> np.ndarray:
     if filtered.shape[0] <= slope + 1:
         raise ConfigError(f"calibration window of {filtered.shape[0]} samples is too short for the noise levels")
     x = filtered.astype(np.float32, copy=False)
-    return np.stack([_mad_noise(x[slope:] - x[:-slope]), _mad_noise(x)])
+    return np.stack([mad_noise(x[slope:] - x[:-slope]), mad_noise(x)])
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _detect_kernel(x, start, xr, sr, last, deep, inv_noise, amp_min, nbr, n_nbr, thr, slope, sweep, search,
-                   refr, polarity, mask, flags, out_t, out_c, out_a):
+def _steepest_nearby(sr, mask, nbr_c, n_nbr_c, tc, t_first, c, s, sweep):
+    """Whether score ``s`` at (tc, c) is the lowest within the neighbours and +/- sweep.
+
+    Samples before the stream's first (``t_first``) do not count. Ties go to
+    the earlier sample, then the lower channel.
+    """
+    for j in range(n_nbr_c):
+        q = nbr_c[j]
+        for dt in range(-sweep, sweep + 1):
+            if (q == c and dt == 0) or tc + dt < t_first:
+                continue
+            w = sr[(tc + dt) & mask, q]
+            if w < s or (w == s and (dt < 0 or (dt == 0 and q < c))):
+                return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _extremum_after(xr, mask, tc, c, search, falling):
+    """First minimum (``falling``) or maximum of channel c over [tc, tc + search]: (sample, value)."""
+    tt = tc
+    best = xr[tc & mask, c]
+    for k in range(1, search + 1):
+        v = xr[(tc + k) & mask, c]
+        if (falling and v < best) or ((not falling) and v > best):
+            best = v
+            tt = tc + k
+    return tt, best
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _detect_kernel(x, start, rings, state, clock, noise, thr, iparams, nbr, n_nbr, flags, out):
     """Feed samples ``x[start:]`` (float32, (n, C)) through the detector.
 
-    ``amp_min`` (C,) is the smallest trough depth accepted, in uV. ``deep`` (2, C)
-    holds, per channel, the last sample at or below ``-amp_min`` (row 0) and at
-    or above ``amp_min`` (row 1): a slope with no such sample since it began
-    cannot pass the depth test, which rejects most noise slopes in the
-    vectorised flag pass instead of one by one.
-    State: ``xr``/``sr`` rings (R, C) of voltages and scores, ``last`` (C,)
-    last accepted trough per channel, ``mask`` = R - 1 and ``sr``'s absolute
-    clock in ``last``'s extra slot ``last[C]`` (the next sample's index).
-    Stops early when the output arrays could overflow; returns
+    ``rings`` (2, R, C) float32: voltages and slope scores of the last R
+    samples, indexed by absolute sample & (R - 1). ``state`` (3, C) int64: per
+    channel the last accepted trough, the last sample at or below ``-amp_min``
+    and the last at or above ``amp_min``. A slope with no such sample since it
+    began cannot pass the depth test, so most noise slopes are rejected in one
+    vectorised pass over the channels instead of one by one. ``clock`` (2,)
+    int64: the absolute index of the next sample and of the stream's first.
+    ``noise`` (2, C) float32: inverse slope noise and ``amp_min`` (uV).
+    ``iparams``: slope, sweep, search, refractory (samples), polarity, R - 1.
+    ``flags`` is uint8 scratch, a multiple of 8 long, zero-padded. Events go
+    to ``out`` (EVENT_DTYPE); stops early when it could overflow. Returns
     ``(n_events, next_row)``.
     """
     n, n_ch = x.shape
+    slope, sweep, search, refr, polarity, mask = iparams[0], iparams[1], iparams[2], iparams[3], iparams[4], iparams[5]
+    xr = rings[0]
+    sr = rings[1]
+    last = state[0]
+    low = state[1]
+    high = state[2]
+    inv_noise = noise[0]
+    amp_min = noise[1]
+    t_first = clock[1]
     delay = max(sweep, search)
-    cap = out_t.shape[0]
-    words = flags.view(np.uint64)  # flags: uint8, length a multiple of 8, zero-padded
+    cap = out.shape[0]
+    words = flags.view(np.uint64)
+    # score = a * slope - b * |slope|: the slope (neg), its negation (pos), -|slope| (both)
+    a = np.float32(1.0) if polarity == 0 else (np.float32(-1.0) if polarity == 1 else np.float32(0.0))
+    b = np.float32(1.0) if polarity == 2 else np.float32(0.0)
+    use_low = polarity != 1
+    use_high = polarity != 0
     n_out = 0
-    t_abs = last[n_ch]
+    t_abs = clock[0]
     i = start
     while i < n:
         if n_out + n_ch > cap:
             break
-        p = t_abs & mask
-        pl = (t_abs - slope) & mask
-        # one branch-free loop per polarity, so each vectorises
-        if polarity == 0:
-            for c in range(n_ch):
-                v = x[i, c]
-                sr[p, c] = (v - xr[pl, c]) * inv_noise[c]
-                xr[p, c] = v
-                deep[0, c] = t_abs if v <= -amp_min[c] else deep[0, c]
-        elif polarity == 1:
-            for c in range(n_ch):
-                v = x[i, c]
-                sr[p, c] = -((v - xr[pl, c]) * inv_noise[c])
-                xr[p, c] = v
-                deep[1, c] = t_abs if v >= amp_min[c] else deep[1, c]
-        else:
-            for c in range(n_ch):
-                v = x[i, c]
-                sr[p, c] = -abs((v - xr[pl, c]) * inv_noise[c])
-                xr[p, c] = v
-                deep[0, c] = t_abs if v <= -amp_min[c] else deep[0, c]
-                deep[1, c] = t_abs if v >= amp_min[c] else deep[1, c]
+        # whole-row loops over 1-D views with few pointers each, so LLVM vectorises them
+        xnew = xr[t_abs & mask]
+        xold = xr[(t_abs - slope) & mask]
+        srow = sr[t_abs & mask]
+        xnew[:] = x[i]
+        for c in range(n_ch):
+            g = (xnew[c] - xold[c]) * inv_noise[c]
+            srow[c] = a * g - b * abs(g)
+        for c in range(n_ch):
+            low[c] = t_abs if xnew[c] <= -amp_min[c] else low[c]
+        for c in range(n_ch):
+            high[c] = t_abs if xnew[c] >= amp_min[c] else high[c]
         tc = t_abs - delay
-        if tc >= 0:
-            pc = tc & mask
-            # flag candidates in a vectorised pass, then skip 8 channels at a time
-            if polarity == 0:
-                for c in range(n_ch):
-                    flags[c] = (sr[pc, c] <= -thr) & (deep[0, c] >= tc)
-            elif polarity == 1:
-                for c in range(n_ch):
-                    flags[c] = (sr[pc, c] <= -thr) & (deep[1, c] >= tc)
-            else:
-                for c in range(n_ch):
-                    flags[c] = (sr[pc, c] <= -thr) & ((deep[0, c] >= tc) | (deep[1, c] >= tc))
-            for wi in range(words.shape[0]):
-                if words[wi] == 0:
-                    continue
-                for c in range(wi * 8, min(wi * 8 + 8, n_ch)):
-                    s = sr[pc, c]
-                    if not s <= -thr:
-                        continue
-                    # trough (or peak) first: this cheap test rejects most noise candidates
-                    falling = True
-                    if polarity == 1:
-                        falling = False
-                    elif polarity == 2:
-                        prev = xr[(tc - slope) & mask, c] if tc - slope >= 0 else np.float32(0.0)
-                        falling = (xr[pc, c] - prev) * inv_noise[c] < 0
-                    tt = tc
-                    best_v = xr[pc, c]
-                    for k in range(1, search + 1):
-                        vk = xr[(tc + k) & mask, c]
-                        if (falling and vk < best_v) or ((not falling) and vk > best_v):
-                            best_v = vk
-                            tt = tc + k
-                    if (falling and best_v > -amp_min[c]) or ((not falling) and best_v < amp_min[c]):
-                        continue
-                    best = True
-                    for j in range(n_nbr[c]):
-                        q = nbr[c, j]
-                        for dt in range(-sweep, sweep + 1):
-                            if q == c and dt == 0:
-                                continue
-                            if tc + dt < 0:
-                                continue
-                            w = sr[(tc + dt) & mask, q]
-                            if w < s or (w == s and (dt < 0 or (dt == 0 and q < c))):
-                                best = False
-                                break
-                        if not best:
-                            break
-                    if not best:
-                        continue
-                    if tt - last[c] <= refr:
-                        continue
-                    last[c] = tt
-                    out_t[n_out] = tt
-                    out_c[n_out] = c
-                    out_a[n_out] = best_v
-                    n_out += 1
         t_abs += 1
         i += 1
-    last[n_ch] = t_abs
+        if tc < t_first:
+            continue
+        pc = tc & mask
+        scand = sr[pc]
+        for c in range(n_ch):
+            flags[c] = (scand[c] <= -thr) & (((low[c] >= tc) & use_low) | ((high[c] >= tc) & use_high))
+        for wi in range(words.shape[0]):
+            if words[wi] == 0:  # eight channels without a candidate
+                continue
+            for c in range(wi * 8, min(wi * 8 + 8, n_ch)):
+                if not flags[c]:
+                    continue
+                # a falling slope goes to a trough, a rising one to a peak
+                falling = polarity == 0
+                if polarity == 2:
+                    prev = xr[(tc - slope) & mask, c] if tc - slope >= t_first else np.float32(0.0)
+                    falling = (xr[pc, c] - prev) * inv_noise[c] < 0
+                tt, v = _extremum_after(xr, mask, tc, c, search, falling)
+                if (falling and v > -amp_min[c]) or ((not falling) and v < amp_min[c]):
+                    continue
+                if not _steepest_nearby(sr, mask, nbr[c], n_nbr[c], tc, t_first, c, sr[pc, c], sweep):
+                    continue
+                if tt - last[c] <= refr:
+                    continue
+                last[c] = tt
+                out[n_out].sample_index = tt
+                out[n_out].channel = c
+                out[n_out].amplitude = v
+                n_out += 1
+    clock[0] = t_abs
     return n_out, i
 
 
@@ -248,15 +255,17 @@ class GradientDetector:
         nbr = probe.neighbours(cfg.radius_um)
         self._nbr = np.ascontiguousarray(nbr, dtype=np.int32)
         self._n_nbr = (nbr >= 0).sum(1).astype(np.int32)
-        self._ring = _ring_size(self.params)
-        cap = max(int(capacity), 2 * self.n_channels)
-        self._out_t = np.zeros(cap, dtype=np.int64)
-        self._out_c = np.zeros(cap, dtype=np.int32)
-        self._out_a = np.zeros(cap, dtype=np.float32)
+        ring = _ring_size(self.params)
+        p = self.params
+        self._iparams = np.array([p.slope, p.sweep, p.search, p.refractory, p.polarity, ring - 1], dtype=np.int64)
+        self._thr = np.float32(p.threshold)
+        self._rings = np.zeros((2, ring, self.n_channels), dtype=np.float32)
+        self._state = np.zeros((3, self.n_channels), dtype=np.int64)
+        self._clock = np.zeros(2, dtype=np.int64)
+        self._out = np.zeros(max(int(capacity), 2 * self.n_channels), dtype=EVENT_DTYPE)
         self._flags = np.zeros(-(-self.n_channels // 8) * 8, dtype=np.uint8)
         self.noise_levels = None
-        self._inv_noise = None
-        self._amp_min = None
+        self._noise = None
         if noise_levels is not None:
             self.set_noise_levels(noise_levels)
         self.reset()
@@ -268,12 +277,9 @@ class GradientDetector:
 
     def reset(self, first_sample: int = 0) -> None:
         """Clear the state; the next sample fed has absolute index ``first_sample``."""
-        self._xr = np.zeros((self._ring, self.n_channels), dtype=np.float32)
-        self._sr = np.zeros((self._ring, self.n_channels), dtype=np.float32)
-        self._last = np.full(self.n_channels + 1, np.iinfo(np.int64).min // 2, dtype=np.int64)
-        self._last[self.n_channels] = 0
-        self._deep = np.full((2, self.n_channels), np.iinfo(np.int64).min // 2, dtype=np.int64)
-        self._offset = int(first_sample)
+        self._rings[:] = 0
+        self._state[:] = np.iinfo(np.int64).min // 2
+        self._clock[:] = first_sample
 
     def set_noise_levels(self, noise_levels) -> None:
         """Use these noise levels, shape (2, n_channels): slope noise, voltage noise."""
@@ -283,7 +289,7 @@ class GradientDetector:
         if not np.all(noise > 0):
             raise ConfigError("noise_levels must be positive")
         self.noise_levels = noise
-        self._inv_noise, self._amp_min = _kernel_noise(noise, self.params)
+        self._noise = np.stack(_kernel_noise(noise, self.params))
 
     def calibrate(self, filtered: np.ndarray) -> np.ndarray:
         """Estimate the noise levels from a filtered calibration window and keep them."""
@@ -302,41 +308,26 @@ class GradientDetector:
         -------
         ndarray of EVENT_DTYPE, sorted by decision time (slope sample, then channel)
         """
-        if self._inv_noise is None:
+        if self._noise is None:
             raise ConfigError("the detector has no noise levels: call calibrate() or set_noise_levels() first")
         if filtered.ndim != 2 or filtered.shape[1] != self.n_channels:
             raise ConfigError(f"chunk has shape {filtered.shape}, expected (n_samples, {self.n_channels})")
-        if filtered.dtype != np.float32:
-            filtered = filtered.astype(np.float32)
-        p = self.params
-        pieces = []
-        i = 0
-        n = filtered.shape[0]
-        while True:
-            n_out, i = _detect_kernel(
-                filtered, i, self._xr, self._sr, self._last, self._deep, self._inv_noise, self._amp_min,
-                self._nbr, self._n_nbr,
-                np.float32(p.threshold), p.slope, p.sweep, p.search, p.refractory, p.polarity,
-                self._ring - 1, self._flags, self._out_t, self._out_c, self._out_a,
-            )
-            ev = np.empty(n_out, dtype=EVENT_DTYPE)
-            ev["sample_index"] = self._out_t[:n_out] + self._offset
-            ev["channel"] = self._out_c[:n_out]
-            ev["amplitude"] = self._out_a[:n_out]
-            pieces.append(ev)
-            if i >= n:
-                break
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if filtered.dtype != np.float32 or not filtered.flags.c_contiguous:
+            filtered = np.ascontiguousarray(filtered, dtype=np.float32)
+        args = (self._rings, self._state, self._clock, self._noise, self._thr, self._iparams, self._nbr,
+                self._n_nbr, self._flags, self._out)
+        n_out, i = _detect_kernel(filtered, 0, *args)
+        events = self._out[:n_out].copy()
+        while i < filtered.shape[0]:  # the output buffer filled up: rare, a burst in a long chunk
+            n_out, i = _detect_kernel(filtered, i, *args)
+            events = np.concatenate([events, self._out[:n_out]])
+        return events
 
     def warmup(self) -> None:
-        """Compile the kernel before the first real chunk, leaving the state untouched."""
-        saved = (self._xr.copy(), self._sr.copy(), self._last.copy(), self._deep.copy(), self._inv_noise,
-                 self._amp_min)
-        if self._inv_noise is None:
-            self._inv_noise, self._amp_min = _kernel_noise(
-                np.ones((2, self.n_channels), dtype=np.float32), self.params)
-        self.process(np.zeros((2, self.n_channels), dtype=np.float32))
-        self._xr, self._sr, self._last, self._deep, self._inv_noise, self._amp_min = saved
+        """Compile the kernel before the first real chunk (on a scratch detector: no state changes)."""
+        scratch = GradientDetector(self.cfg, self.probe, self.sampling_rate,
+                                   np.ones((2, self.n_channels), dtype=np.float32))
+        scratch.process(np.zeros((2, self.n_channels), dtype=np.float32))
 
 
 def detect_reference(filtered: np.ndarray, noise_levels: np.ndarray, cfg: DetectConfig, probe: Probe,

@@ -262,13 +262,10 @@ class Preprocessor:
         return out
 
     def warmup(self) -> None:
-        """Compile the kernel for int16 and float32 input without touching the state."""
-        saved = (self.z0.copy(), self.z1.copy(), self._med_state.copy(), self._started, self.n_nonfinite)
+        """Compile the kernel for int16, float32 and float64 input (on a scratch preprocessor)."""
+        scratch = Preprocessor(self.cfg, self.sampling_rate, self.n_channels, self.gain, self.offset)
         for dt in (np.int16, np.float32, np.float64):
-            self._started = True
-            self.process(np.zeros((2, self.n_channels), dtype=dt))
-        self.z0[:], self.z1[:], self._med_state[:] = saved[:3]
-        self._started, self.n_nonfinite = saved[3], saved[4]
+            scratch.process(np.zeros((2, self.n_channels), dtype=dt))
 
 
 def preprocess_array(samples: np.ndarray, cfg: PreprocessConfig, sampling_rate: float,

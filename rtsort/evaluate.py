@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .detect import MAD_TO_SIGMA
+from .detect import mad_noise
 
 SNR_BINS = ((3.0, 5.0), (5.0, 8.0), (8.0, 15.0), (15.0, np.inf))
 
@@ -45,12 +45,6 @@ def unit_templates(filtered: np.ndarray, truth_index: np.ndarray, truth_unit: np
     return out.astype(np.float32)
 
 
-def noise_levels_mad(filtered: np.ndarray) -> np.ndarray:
-    """Per-channel noise of filtered data: MAD / 0.6745, shape (n_channels,)."""
-    med = np.median(filtered, axis=0)
-    return (np.median(np.abs(filtered - med), axis=0) * MAD_TO_SIGMA).astype(np.float32)
-
-
 @numba.njit(cache=True)
 def _match(det_t, det_c, tru_t, tru_u, unit_chan_ok, tol):
     """Greedy-free matching flags: for each true spike, is there a detection within tol on an
@@ -73,69 +67,104 @@ def _match(det_t, det_c, tru_t, tru_u, unit_chan_ok, tol):
     return hit, good
 
 
-def detection_quality(events: np.ndarray, truth_index: np.ndarray, truth_unit: np.ndarray,
-                      filtered: np.ndarray, positions_um: np.ndarray, sampling_rate: float,
-                      tolerance_ms: float = 0.4, radius_um: float = 75.0, n_units: int | None = None,
-                      valid_stop: int | None = None) -> dict:
-    """Recall per SNR bin, precision, false positives and F1 of ``events`` against the truth.
+class GroundTruth:
+    """What scoring needs from the truth, computed once per recording.
+
+    Per unit: the mean filtered waveform's peak channel and SNR (peak over the
+    MAD noise of that channel, on the data the detectors see), and which
+    channels count as "nearby" (within ``radius_um`` of the peak channel).
 
     Parameters
     ----------
-    events : ndarray of EVENT_DTYPE
     truth_index, truth_unit : ndarray of shape (n_spikes,)
     filtered : ndarray of shape (n_samples, n_channels), float32
-        The preprocessed recording the detector saw (for templates, SNR and noise).
+        The preprocessed recording the detectors saw.
     valid_stop : int, optional
         True spikes at or after this sample are ignored (the detector's undecided tail).
     """
-    n_units = int(truth_unit.max()) + 1 if n_units is None else n_units
-    tol = int(round(tolerance_ms * sampling_rate / 1000.0))
-    half = int(round(1.0 * sampling_rate / 1000.0))
-    valid_stop = filtered.shape[0] if valid_stop is None else valid_stop
-    keep = (truth_index >= half) & (truth_index < valid_stop - half)
-    truth_index, truth_unit = truth_index[keep], truth_unit[keep]
-    templates = unit_templates(filtered, truth_index, truth_unit, n_units, half)
-    noise = noise_levels_mad(filtered)
-    peak_per_chan = np.abs(templates).max(axis=1)  # (units, channels)
-    peak_channel = peak_per_chan.argmax(axis=1)
-    snr = peak_per_chan[np.arange(n_units), peak_channel] / noise[peak_channel]
-    dist = np.linalg.norm(positions_um[:, None, :2] - positions_um[None, :, :2], axis=2)
-    unit_chan_ok = dist[peak_channel] <= radius_um
-    order = np.argsort(truth_index, kind="stable")
-    tru_t, tru_u = truth_index[order].astype(np.int64), truth_unit[order].astype(np.int64)
-    ev = events[events["sample_index"] < valid_stop]
-    det_t = ev["sample_index"].astype(np.int64)
-    det_c = ev["channel"].astype(np.int64)
-    dorder = np.argsort(det_t, kind="stable")
-    hit, good = _match(det_t[dorder], det_c[dorder], tru_t, tru_u, unit_chan_ok, tol)
-    recall_unit = np.array([hit[tru_u == u].mean() if np.any(tru_u == u) else np.nan for u in range(n_units)])
-    bins = {}
-    for lo, hi in SNR_BINS:
-        sel = (snr[tru_u] >= lo) & (snr[tru_u] < hi)
-        bins[bin_label(lo, hi)] = {
-            "n_units": int(((snr >= lo) & (snr < hi)).sum()),
-            "n_spikes": int(sel.sum()),
-            "recall": float(hit[sel].mean()) if sel.any() else None,
+
+    def __init__(self, truth_index, truth_unit, filtered, positions_um, sampling_rate, tolerance_ms=0.4,
+                 radius_um=75.0, n_units=None, valid_stop=None):
+        self.n_units = int(truth_unit.max()) + 1 if n_units is None else n_units
+        self.sampling_rate = float(sampling_rate)
+        self.tol = int(round(tolerance_ms * sampling_rate / 1000.0))
+        half = int(round(1.0 * sampling_rate / 1000.0))
+        self.valid_stop = filtered.shape[0] if valid_stop is None else valid_stop
+        keep = (truth_index >= half) & (truth_index < self.valid_stop - half)
+        truth_index, truth_unit = truth_index[keep], truth_unit[keep]
+        templates = unit_templates(filtered, truth_index, truth_unit, self.n_units, half)
+        noise = mad_noise(filtered)
+        peak_per_chan = np.abs(templates).max(axis=1)  # (units, channels)
+        peak_channel = peak_per_chan.argmax(axis=1)
+        self.snr = peak_per_chan[np.arange(self.n_units), peak_channel] / noise[peak_channel]
+        dist = np.linalg.norm(positions_um[:, None, :2] - positions_um[None, :, :2], axis=2)
+        self.unit_chan_ok = dist[peak_channel] <= radius_um
+        order = np.argsort(truth_index, kind="stable")
+        self.tru_t = truth_index[order].astype(np.int64)
+        self.tru_u = truth_unit[order].astype(np.int64)
+
+    def score(self, events: np.ndarray) -> dict:
+        """Recall per SNR bin, precision, false positives and F1 of ``events`` (EVENT_DTYPE)."""
+        snr, tru_u = self.snr, self.tru_u
+        ev = events[events["sample_index"] < self.valid_stop]
+        det_t = ev["sample_index"].astype(np.int64)
+        det_c = ev["channel"].astype(np.int64)
+        dorder = np.argsort(det_t, kind="stable")
+        hit, good = _match(det_t[dorder], det_c[dorder], self.tru_t, tru_u, self.unit_chan_ok, self.tol)
+        recall_unit = [float(hit[tru_u == u].mean()) if np.any(tru_u == u) else float("nan")
+                       for u in range(self.n_units)]
+        bins = {}
+        for lo, hi in SNR_BINS:
+            sel = (snr[tru_u] >= lo) & (snr[tru_u] < hi)
+            bins[bin_label(lo, hi)] = {
+                "n_units": int(((snr >= lo) & (snr < hi)).sum()),
+                "n_spikes": int(sel.sum()),
+                "recall": float(hit[sel].mean()) if sel.any() else None,
+            }
+        n_det = int(det_t.size)
+        precision = float(good.mean()) if n_det else 0.0
+        sel5 = snr[tru_u] >= 5
+        recall_all = float(hit.mean()) if hit.size else 0.0
+        f1 = 2 * precision * recall_all / (precision + recall_all) if precision + recall_all else 0.0
+        return {
+            "n_detections": n_det,
+            "n_true_spikes": int(self.tru_t.size),
+            "recall": recall_all,
+            "recall_snr_ge_5": float(hit[sel5].mean()) if sel5.any() else 0.0,
+            "precision": precision,
+            "false_positive_rate": 1.0 - precision if n_det else 0.0,
+            "false_positives_per_s": float((~good).sum() / (self.valid_stop / self.sampling_rate)),
+            "f1": f1,
+            "recall_by_snr": bins,
+            "unit_snr": snr.astype(float).tolist(),
+            "unit_recall": recall_unit,
         }
-    n_det = int(det_t.size)
-    precision = float(good.mean()) if n_det else 0.0
-    sel5 = snr[tru_u] >= 5
-    recall = float(hit[sel5].mean()) if sel5.any() else 0.0
-    recall_all = float(hit.mean()) if hit.size else 0.0
-    duration = valid_stop / sampling_rate
-    f1 = 2 * precision * recall_all / (precision + recall_all) if precision + recall_all else 0.0
+
+
+def detection_quality(events: np.ndarray, truth_index: np.ndarray, truth_unit: np.ndarray,
+                      filtered: np.ndarray, positions_um: np.ndarray, sampling_rate: float, **kwargs) -> dict:
+    """Score one set of events against the truth (see :class:`GroundTruth` for the arguments)."""
+    return GroundTruth(truth_index, truth_unit, filtered, positions_um, sampling_rate, **kwargs).score(events)
+
+
+def compare_detectors(filtered: np.ndarray, truth_index: np.ndarray, truth_unit: np.ndarray, probe, sampling_rate,
+                      detect_cfg, noise_levels=None, valid_stop: int | None = None) -> dict:
+    """rtsort's gradient detector and SpikeInterface's locally_exclusive (defaults) on the same data.
+
+    Returns ``{"rtsort_gradient": scores, "si_locally_exclusive": scores}`` (see
+    :meth:`GroundTruth.score`). Without ``noise_levels`` the detector calibrates on
+    ``detect_cfg.noise_window_s`` of ``filtered``.
+    """
+    from .detect import GradientDetector
+
+    det = GradientDetector(detect_cfg, probe, sampling_rate, noise_levels)
+    if noise_levels is None:
+        det.calibrate(filtered[: int(detect_cfg.noise_window_s * sampling_rate)])
+    truth = GroundTruth(truth_index, truth_unit, filtered, probe.positions_um, sampling_rate,
+                        valid_stop=valid_stop)
     return {
-        "n_detections": n_det,
-        "n_true_spikes": int(tru_t.size),
-        "recall": recall_all,
-        "recall_snr_ge_5": recall,
-        "precision": precision,
-        "false_positive_rate": 1.0 - precision if n_det else 0.0,
-        "false_positives_per_s": float((~good).sum() / duration),
-        "f1": f1,
-        "recall_by_snr": bins,
-        "unit_snr": snr.astype(float).tolist(),
-        "unit_recall": recall_unit.astype(float).tolist(),
+        "rtsort_gradient": truth.score(det.process(filtered)),
+        "si_locally_exclusive": truth.score(detect_locally_exclusive(filtered, probe.positions_um, sampling_rate)),
     }
 
 
@@ -152,8 +181,7 @@ def detect_locally_exclusive(filtered: np.ndarray, positions_um: np.ndarray, sam
 
     rec = NumpyRecording([np.ascontiguousarray(filtered)], sampling_frequency=sampling_rate)
     rec.set_dummy_probe_from_locations(np.asarray(positions_um)[:, :2])
-    noise = noise_levels_mad(filtered)
-    kwargs = dict(noise_levels=noise)
+    kwargs = dict(noise_levels=mad_noise(filtered))
     kwargs.update(method_kwargs)
     peaks = detect_peaks(rec, method="locally_exclusive", method_kwargs=kwargs,
                          job_kwargs=dict(n_jobs=1, chunk_duration="1s", progress_bar=False))

@@ -123,9 +123,7 @@ class FrontEnd:
             self.snippets.warmup()
 
     def process(self, samples: np.ndarray) -> FrontEndOutput:
-        """Run one chunk of raw samples through every stage."""
-        if samples.ndim != 2 or samples.shape[1] != self.n_channels:
-            raise ConfigError(f"chunk has shape {samples.shape}, expected (n_samples, {self.n_channels})")
+        """Run one chunk of raw samples through every stage (the preprocessor checks its shape)."""
         first = self._next_sample
         filtered = self.preprocessor.process(samples)
         events = self.detector.process(filtered)
@@ -156,7 +154,7 @@ def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0,
     with tqdm(total=stop, desc="detect", unit="sample", unit_scale=True, disable=not progress,
               leave=False) as bar:
         for c in recording.iter_chunks(chunk, stop=stop):
-            pieces.append(fe.process(c.samples).events.copy())
+            pieces.append(fe.process(c.samples).events)  # a fresh array per chunk
             bar.update(c.n_samples)
     events = np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)
     return events, fe.noise_levels

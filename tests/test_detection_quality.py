@@ -1,28 +1,19 @@
 """The gradient detector against SpikeInterface's locally_exclusive, on the same preprocessed data."""
 
-import numpy as np
 import pytest
 
 pytest.importorskip("spikeinterface")
 
 from rtsort.config import Config  # noqa: E402
-from rtsort.detect import GradientDetector  # noqa: E402
-from rtsort.evaluate import detect_locally_exclusive, detection_quality  # noqa: E402
+from rtsort.evaluate import compare_detectors  # noqa: E402
 
 
 def test_gradient_detector_no_worse_than_locally_exclusive(small_sim, small_filtered):
     rec, truth, _ = small_sim
     x = small_filtered
-    det = GradientDetector(Config().detect, rec.probe, rec.sampling_rate)
-    det.calibrate(x)
-    ours = det.process(x)
-    theirs = detect_locally_exclusive(x, rec.probe.positions_um, rec.sampling_rate)
-    stop = x.shape[0] - 60
-    kw = dict(valid_stop=stop)
-    q_ours = detection_quality(ours, truth["sample_index"], truth["unit"], x, rec.probe.positions_um,
-                               rec.sampling_rate, **kw)
-    q_le = detection_quality(theirs, truth["sample_index"], truth["unit"], x, rec.probe.positions_um,
-                             rec.sampling_rate, **kw)
+    q = compare_detectors(x, truth["sample_index"], truth["unit"], rec.probe, rec.sampling_rate, Config().detect,
+                          valid_stop=x.shape[0] - 60)
+    q_ours, q_le = q["rtsort_gradient"], q["si_locally_exclusive"]
     for label in ("[5, 8)", "[8, 15)", ">= 15"):
         r_ours = q_ours["recall_by_snr"][label]["recall"]
         r_le = q_le["recall_by_snr"][label]["recall"]

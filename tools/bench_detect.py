@@ -70,16 +70,12 @@ def bench_rtsort(rec, seconds_chunks=1.0, chunk_ms=1.0, latency_seconds=5.0):
 
 def bench_spikeinterface(rec):
     import spikeinterface.preprocessing as spre
-    from spikeinterface.core import BinaryRecordingExtractor, get_noise_levels
+    from spikeinterface.core import NumpyRecording, get_noise_levels
     from spikeinterface.sortingcomponents.peak_detection import detect_peaks
 
-    si_rec = BinaryRecordingExtractor(rec.source, sampling_frequency=rec.sampling_rate, dtype="int16",
-                                      num_channels=rec.n_channels, gain_to_uV=0.195, offset_to_uV=0.0)
-    si_rec.set_dummy_probe_from_locations(rec.probe.positions_um)
-    # load into memory so both sides time compute, not disk
-    from spikeinterface.core import NumpyRecording
-
-    mem = NumpyRecording([rec.get_traces(0, rec.n_samples).astype("float32") * 0.195], rec.sampling_rate)
+    # in memory and in uV, so both sides time compute, not disk
+    uV = rec.get_traces(0, rec.n_samples).astype("float32") * rec.gains_to_uV.astype("float32")
+    mem = NumpyRecording([uV + rec.offsets_to_uV.astype("float32")], rec.sampling_rate)
     mem.set_dummy_probe_from_locations(rec.probe.positions_um)
     pp = spre.common_reference(spre.bandpass_filter(mem, freq_min=300.0, freq_max=6000.0),
                                reference="global", operator="median")

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from rtsort.config import Config
-from rtsort.detect import GradientDetector
 from rtsort.dsp import preprocess_array
-from rtsort.evaluate import detect_locally_exclusive, detection_quality
+from rtsort.evaluate import compare_detectors
 from rtsort.sim import simulate
 
 
@@ -33,16 +32,11 @@ def main():
     cfg = Config()
     with tempfile.TemporaryDirectory() as tmp:
         rec = simulate(tmp, args.channels, args.units, args.duration, args.seed, progress=False)
-        truth = np.load(Path(tmp) / "truth.npz")
+        truth = dict(np.load(Path(tmp) / "truth.npz"))
         x = preprocess_array(rec.get_traces(0, rec.n_samples), cfg.preprocess, rec.sampling_rate,
                              rec.gains_to_uV, rec.offsets_to_uV)
-    det = GradientDetector(cfg.detect, rec.probe, rec.sampling_rate)
-    det.calibrate(x[: int(cfg.detect.noise_window_s * rec.sampling_rate)])
-    results = {}
-    for name, ev in (("rtsort_gradient", det.process(x)),
-                     ("si_locally_exclusive", detect_locally_exclusive(x, rec.probe.positions_um, rec.sampling_rate))):
-        results[name] = detection_quality(ev, truth["sample_index"], truth["unit"], x, rec.probe.positions_um,
-                                          rec.sampling_rate, valid_stop=x.shape[0] - 60)
+    results = compare_detectors(x, truth["sample_index"], truth["unit"], rec.probe, rec.sampling_rate, cfg.detect,
+                                valid_stop=x.shape[0] - 60)
     bins = list(results["rtsort_gradient"]["recall_by_snr"])
     print(f"{args.channels} channels, {args.units} units, {args.duration:g} s, seed {args.seed}; "
           "match: 0.4 ms, 75 um")
