@@ -163,49 +163,175 @@ def _cmd_detect(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+def _add_train(sub):
+    p = sub.add_parser(
+        "train", formatter_class=_Formatter,
+        help="learn units from a recording and write a bundle",
+        description="Preprocess and detect through the runtime's streaming front end, cut snippets, train the "
+                    "Transformer autoencoder (or PCA, [train] features = \"pca\"), export its encoder to ONNX, "
+                    "cluster latent + position features into units, score every unit, and write BUNDLE_DIR "
+                    "(manifest.json, encoder.onnx, centroids). Needs the 'train' extra (torch).",
+    )
+    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--config", type=Path, help="TOML configuration (tables preprocess, detect, snippets, train, "
+                                                "cluster)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bundle)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _print_units(units: list) -> None:
+    print("  unit  spikes   rate Hz    SNR  ISI viol.  presence  isolation  silhouette  flags")
+    for u in units:
+        iso = u["isolation_distance"]
+        iso_s = "      -" if iso is None or not np.isfinite(iso) else f"{iso:7.1f}"
+        sil = u["silhouette"]
+        sil_s = "     -" if sil is None or not np.isfinite(sil) else f"{sil:6.2f}"
+        print(f"  {u['unit']:>4d} {u['n_spikes']:>7d} {u['firing_rate_hz']:>9.2f} {u['snr']:>6.1f} "
+              f"{u['isi_violations_ratio']:>10.2f} {u['presence_ratio']:>9.2f}    {iso_s}      {sil_s}  "
+              f"{','.join(u['flags']) or 'ok'}")
+
+
+def _train(recording_path: Path, out: Path, config, seed: int, quiet: bool):
+    try:
+        from .train import train_bundle
+    except ImportError as exc:
+        raise RtsortError(f"training needs the 'train' extra ({exc}): pip install 'rtsort[train]'") from None
+    from .io import open_recording
+
+    rec = open_recording(recording_path)
+    return rec, train_bundle(rec, out, config, seed=seed, progress=not quiet)
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
+    rec, result = _train(args.recording, args.out, config, args.seed, args.quiet)
+    t = result.timings
+    print(f"{len(result.units)} units from {result.spikes.size} spikes in {rec.duration_s:.1f} s of "
+          f"{rec.n_channels} channels; trained in {t['total_s']:.1f} s (detect {t['detect_s']:.1f}, fit "
+          f"{t['fit_s']:.1f}, encode {t['encode_s']:.1f}, cluster {t['cluster_s']:.1f}) -> {args.out}")
+    _print_units(result.units)
+    return 0
+
+
+# ---------------------------------------------------------------- sort
+def _add_sort(sub):
+    p = sub.add_parser(
+        "sort", formatter_class=_Formatter,
+        help="sort a recording with a bundle, as fast as possible",
+        description="Run the runtime's pipeline (the same objects 'rtsort run' uses) over a file in large chunks "
+                    "and write SPIKES.npz (sample_index, unit (-1 = unassigned), channel, amplitude, "
+                    "sampling_rate).",
+    )
+    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory from 'rtsort train'")
+    p.add_argument("--out", type=Path, required=True, help="spikes file (.npz)")
+    p.add_argument("--chunk-s", type=_positive_float, default=1.0, help="chunk length in seconds")
+    p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads")
+    p.set_defaults(func=_cmd_sort)
+
+
+def _sort(recording_path: Path, bundle_path: Path, out: Path, chunk_s: float, threads: int, quiet: bool):
+    from .io import open_recording, save_spikes
+    from .pipeline import sort_recording
+
+    if out.suffix != ".npz":
+        raise RtsortError(f"{out}: the spikes file must end in .npz")
+    rec = open_recording(recording_path)
+    spikes, dt = sort_recording(rec, bundle_path, chunk_s=chunk_s, progress=not quiet, threads=threads)
+    save_spikes(out, spikes, rec.sampling_rate)
+    n_un = int(np.sum(spikes["unit"] < 0))
+    print(f"{spikes.size} spikes ({n_un} unassigned) in {rec.duration_s:.1f} s of {rec.n_channels} channels; "
+          f"sorted in {dt:.1f} s ({rec.duration_s / max(dt, 1e-9):.1f}x real time) -> {out}")
+    return spikes
+
+
+def _cmd_sort(args) -> int:
+    _sort(args.recording, args.bundle, args.out, args.chunk_s, args.threads, args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval", formatter_class=_Formatter,
+        help="score a spikes file against ground truth",
+        description="SpikeInterface's ground-truth comparison (0.4 ms tolerance): per true unit accuracy, "
+                    "precision and recall against its best-matching sorted unit; well-detected units "
+                    "(accuracy >= 0.8), mean accuracy and false-positive units. Unassigned spikes (-1) are "
+                    "left out.",
+    )
+    p.add_argument("spikes", type=Path, help="SPIKES.npz from 'rtsort sort' or 'rtsort run'")
+    p.add_argument("--truth", type=Path, required=True, help="truth.npz (sample_index, unit)")
+    p.add_argument("--json", type=Path, help="write every figure as JSON")
+    p.add_argument("--delta-ms", type=_positive_float, default=0.4, help="match tolerance in ms")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _eval(spikes_path: Path, truth_path: Path, delta_ms: float = 0.4, json_path: Path | None = None) -> dict:
+    from .evaluate import sorting_accuracy
+    from .io import load_spikes
+
+    spikes, fs = load_spikes(spikes_path)
+    truth = _load_truth(truth_path)
+    report = sorting_accuracy(spikes["sample_index"], spikes["unit"], truth["sample_index"], truth["unit"], fs,
+                              delta_ms)
+    s = report["summary"]
+    print("  true unit  spikes  accuracy  precision  recall  sorted unit")
+    for u in report["units"]:
+        print(f"  {u['unit']:>9d} {u['n_spikes']:>7d} {u['accuracy']:>9.3f} {u['precision']:>10.3f} "
+              f"{u['recall']:>7.3f}  {u['best_match'] if u['best_match'] >= 0 else '-'}")
+    print(f"  well detected (accuracy >= 0.8): {s['well_detected']} / {s['n_true_units']}   mean accuracy "
+          f"{s['mean_accuracy']:.3f}   sorted units {s['n_sorted_units']}   false-positive units "
+          f"{s['false_positive_units']}   unassigned spikes {100 * s['unassigned_fraction']:.1f}%")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _cmd_eval(args) -> int:
+    _eval(args.spikes, args.truth, args.delta_ms, args.json)
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser(
         "demo", formatter_class=_Formatter,
-        help="simulate a recording, detect spikes, score them against ground truth",
-        description="End to end on built-in synthetic data: simulate a 32-channel ground-truth recording, "
-                    "stream it through the causal preprocessing and the gradient detector, and compare with "
-                    "the truth (and with SpikeInterface's locally_exclusive detector on the same data).",
+        help="simulate, train, sort and evaluate, end to end",
+        description="End to end on built-in synthetic data: simulate a 32-channel ground-truth recording, train "
+                    "a bundle on it, sort it with the runtime's pipeline, and score the result against the "
+                    "truth with SpikeInterface's comparison.",
     )
     p.add_argument("--out", type=Path, default=Path("rtsort_demo"), help="output folder")
-    p.add_argument("--duration", type=_positive_float, default=30.0, help="seconds to simulate")
+    p.add_argument("--duration", type=_positive_float, default=60.0, help="seconds to simulate")
+    p.add_argument("--channels", type=_positive_int, default=32, help="number of channels")
+    p.add_argument("--units", type=_positive_int, default=12, help="number of units")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from .config import Config
-    from .frontend import detect_recording
     from .sim import simulate
 
-    config = Config()
     out = args.out
-    print(f"[1/3] simulating 32 channels, 16 units, {args.duration:g} s -> {out}")
-    rec = simulate(out, 32, 16, args.duration, args.seed, progress=not args.quiet)
-    print("[2/3] streaming it through preprocessing + gradient detector")
     t0 = time.perf_counter()
-    events, noise = detect_recording(rec, config, chunk_s=0.001 * 30, progress=not args.quiet)
-    dt = time.perf_counter() - t0
-    _save_events(out / "events.npz", events, rec.sampling_rate, noise)
-    print(f"      {events.size} events, streamed in 30 ms chunks; {dt:.1f} s with noise calibration and "
-          f"kernel loading -> {out / 'events.npz'}")
-    print("[3/3] scoring against ground truth (0.4 ms, 75 um)")
-    from .evaluate import detect_locally_exclusive
-
-    scorer, filtered = _ground_truth(rec, out / "truth.npz", config)
-    report = {"rtsort_gradient": scorer.score(events)}
-    _print_quality(report["rtsort_gradient"])
-    print("  SpikeInterface locally_exclusive on the same preprocessed data:")
-    report["si_locally_exclusive"] = scorer.score(
-        detect_locally_exclusive(filtered, rec.probe.positions_um, rec.sampling_rate))
-    _print_quality(report["si_locally_exclusive"])
-    (out / "detection_quality.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"done: {out}/recording.bin, truth.npz, events.npz, detection_quality.json")
+    print(f"[1/4] simulating {args.channels} channels, {args.units} units, {args.duration:g} s -> {out}")
+    simulate(out, args.channels, args.units, args.duration, args.seed, progress=not args.quiet)
+    print("[2/4] training a bundle (detect, snippets, Transformer autoencoder, ONNX, clustering, metrics)")
+    _, result = _train(out / "recording.bin", out / "bundle", Config(), args.seed, args.quiet)
+    print(f"      {len(result.units)} units, {result.timings['total_s']:.1f} s -> {out / 'bundle'}")
+    _print_units(result.units)
+    print("[3/4] sorting the recording with the runtime pipeline")
+    _sort(out / "recording.bin", out / "bundle", out / "spikes.npz", 1.0, 1, args.quiet)
+    print("[4/4] scoring against ground truth (SpikeInterface, 0.4 ms)")
+    _eval(out / "spikes.npz", out / "truth.npz", 0.4, out / "accuracy.json")
+    print(f"done in {time.perf_counter() - t0:.0f} s: {out}/recording.bin, truth.npz, bundle/, spikes.npz, "
+          f"accuracy.json")
     return 0
 
 
@@ -222,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_simulate(sub)
     _add_detect(sub)
+    _add_train(sub)
+    _add_sort(sub)
+    _add_eval(sub)
     _add_demo(sub)
     return parser
 

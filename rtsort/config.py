@@ -109,12 +109,75 @@ class SnippetConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The feature model (training only; the runtime reads the exported encoder).
+
+    ``features = "transformer"``: a Transformer autoencoder with one token per
+    snippet channel (its samples plus its position relative to the peak
+    channel), trained on reconstruction of the clean snippet from an augmented
+    one plus a contrastive term between two augmented views. ``"pca"``: principal
+    components of the noise-normalised snippets (the baseline it must beat).
+    """
+
+    features: str = "transformer"  # "transformer" or "pca"
+    latent_dim: int = 12
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    epochs: int = 25
+    batch_size: int = 256
+    max_snippets: int = 12000
+    learning_rate: float = 3e-3
+    patience: int = 4
+    contrastive_weight: float = 0.5
+    threads: int = 2
+
+    def __post_init__(self):
+        _check_choice("train.features", self.features, ("transformer", "pca"))
+        for name in ("latent_dim", "d_model", "n_layers", "n_heads", "epochs", "batch_size", "max_snippets",
+                     "patience", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"train.{name} must be an integer >= 1, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"train.d_model ({self.d_model}) must be a multiple of train.n_heads ({self.n_heads})")
+        _check_positive("train.learning_rate", self.learning_rate)
+        _check_positive("train.contrastive_weight", self.contrastive_weight, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Clustering of features into units, merging, and the runtime's rejection radii."""
+
+    min_cluster_size: int = 20
+    min_samples: int = 10
+    position_scale_um: float = 10.0  # 1 feature unit = this many um of spike position
+    merge_threshold: float = 0.3  # relative template distance below which two clusters are one unit
+    max_spikes: int = 40000  # clustering subsample; every spike is then assigned by nearest centroid
+    reject_quantile: float = 0.99
+    reject_factor: float = 1.5
+
+    def __post_init__(self):
+        for name in ("min_cluster_size", "min_samples", "max_spikes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+                raise ConfigError(f"cluster.{name} must be an integer >= 2, got {v!r}")
+        _check_positive("cluster.position_scale_um", self.position_scale_um)
+        _check_positive("cluster.merge_threshold", self.merge_threshold, allow_zero=True)
+        if not (isinstance(self.reject_quantile, float) and 0 < self.reject_quantile <= 1):
+            raise ConfigError(f"cluster.reject_quantile must be in (0, 1], got {self.reject_quantile!r}")
+        _check_positive("cluster.reject_factor", self.reject_factor)
+
+
+@dataclass(frozen=True)
 class Config:
     """Every stage's configuration."""
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     snippets: SnippetConfig = field(default_factory=SnippetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,7 +198,8 @@ class Config:
         return cls(**kwargs)
 
 
-_SECTION_TYPES = {"preprocess": PreprocessConfig, "detect": DetectConfig, "snippets": SnippetConfig}
+_SECTION_TYPES = {"preprocess": PreprocessConfig, "detect": DetectConfig, "snippets": SnippetConfig,
+                  "train": TrainConfig, "cluster": ClusterConfig}
 
 
 def _section_from_dict(cls, name: str, data: Any):

@@ -190,3 +190,45 @@ def detect_locally_exclusive(filtered: np.ndarray, positions_um: np.ndarray, sam
     ev["channel"] = peaks["channel_index"]
     ev["amplitude"] = peaks["amplitude"]
     return ev
+
+
+# ---------------------------------------------------------------- sorting accuracy
+WELL_DETECTED = 0.8
+
+
+def sorting_accuracy(spike_index: np.ndarray, spike_unit: np.ndarray, truth_index: np.ndarray,
+                     truth_unit: np.ndarray, sampling_rate: float, delta_ms: float = 0.4) -> dict:
+    """SpikeInterface's ground-truth comparison of a sorting (unit -1 = unassigned, left out).
+
+    Accuracy per true unit = TP / (TP + FN + FP) against its best-matching sorted
+    unit; "well detected" = accuracy >= 0.8; a false-positive unit is a sorted
+    unit matched to no true unit.
+    """
+    import spikeinterface.core as si
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    keep = spike_unit >= 0
+    gt = si.NumpySorting.from_samples_and_labels([np.asarray(truth_index, np.int64)],
+                                                 [np.asarray(truth_unit, np.int64)], sampling_rate)
+    so = si.NumpySorting.from_samples_and_labels([np.asarray(spike_index[keep], np.int64)],
+                                                 [np.asarray(spike_unit[keep], np.int64)], sampling_rate)
+    cmp = compare_sorter_to_ground_truth(gt, so, delta_time=delta_ms, exhaustive_gt=True)
+    perf = cmp.get_performance(method="by_unit")
+    units = []
+    for uid, row in perf.iterrows():
+        match = cmp.best_match_12.get(uid, -1) if hasattr(cmp, "best_match_12") else -1
+        units.append({"unit": int(uid), "accuracy": float(row["accuracy"]), "precision": float(row["precision"]),
+                      "recall": float(row["recall"]), "n_spikes": int(np.sum(truth_unit == uid)),
+                      "best_match": int(match) if match is not None and match != -1 else -1})
+    acc = np.array([u["accuracy"] for u in units])
+    summary = {
+        "n_true_units": len(units),
+        "n_sorted_units": int(len(so.unit_ids)),
+        "well_detected": int(np.sum(acc >= WELL_DETECTED)),
+        "mean_accuracy": float(acc.mean()) if acc.size else 0.0,
+        "median_accuracy": float(np.median(acc)) if acc.size else 0.0,
+        "false_positive_units": int(len(cmp.get_false_positive_units())),
+        "unassigned_fraction": float(np.mean(~keep)) if keep.size else 0.0,
+        "delta_ms": delta_ms,
+    }
+    return {"summary": summary, "units": units}

@@ -135,6 +135,24 @@ class FrontEnd:
         return FrontEndOutput(ev, wf, wait, filtered)
 
 
+def _stream(fe: FrontEnd, recording: Recording, chunk_s: float, progress: bool, stop: int | None, desc: str):
+    """Yield the front end's output for each chunk of ``recording`` (calibrated, warmed up)."""
+    fe.warmup()
+    chunk = max(1, int(chunk_s * recording.sampling_rate))
+    stop = recording.n_samples if stop is None else min(stop, recording.n_samples)
+    with tqdm(total=stop, desc=desc, unit="sample", unit_scale=True, disable=not progress, leave=False) as bar:
+        for c in recording.iter_chunks(chunk, stop=stop):
+            yield fe.process(c.samples)
+            bar.update(c.n_samples)
+
+
+def _front_end(recording: Recording, config: Config, noise_levels, snippets: bool) -> FrontEnd:
+    fe = FrontEnd.for_recording(config, recording, noise_levels=noise_levels, snippets=snippets)
+    if noise_levels is None:
+        fe.calibrate(recording)
+    return fe
+
+
 def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
                      noise_levels=None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Detect every event of a recording through the streaming front end.
@@ -144,17 +162,29 @@ def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0,
     events : ndarray of EVENT_DTYPE
     noise_levels : ndarray of shape (2, n_channels), float32
     """
-    fe = FrontEnd.for_recording(config, recording, noise_levels=noise_levels, snippets=False)
-    if noise_levels is None:
-        fe.calibrate(recording)
-    fe.warmup()
-    chunk = max(1, int(chunk_s * recording.sampling_rate))
-    stop = recording.n_samples if stop is None else min(stop, recording.n_samples)
-    pieces = []
-    with tqdm(total=stop, desc="detect", unit="sample", unit_scale=True, disable=not progress,
-              leave=False) as bar:
-        for c in recording.iter_chunks(chunk, stop=stop):
-            pieces.append(fe.process(c.samples).events)  # a fresh array per chunk
-            bar.update(c.n_samples)
+    fe = _front_end(recording, config, noise_levels, snippets=False)
+    pieces = [out.events for out in _stream(fe, recording, chunk_s, progress, stop, "detect")]
     events = np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)
     return events, fe.noise_levels
+
+
+def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
+                       noise_levels=None, stop: int | None = None):
+    """Detect every event of a recording and cut its snippet, through the streaming front end.
+
+    Returns
+    -------
+    events : ndarray of EVENT_DTYPE, shape (k,)
+    waveforms : ndarray of shape (k, T, K), float32 uV
+    front_end : FrontEnd
+        Its ``noise_levels`` and ``snippets.channel_index`` / ``relative_positions`` describe the snippets.
+    """
+    fe = _front_end(recording, config, noise_levels, snippets=True)
+    ev, wf = [], []
+    for out in _stream(fe, recording, chunk_s, progress, stop, "detect + snippets"):
+        ev.append(out.events)
+        wf.append(out.waveforms)
+    shape = (0, fe.snippets.n_samples, fe.snippets.k_channels)
+    events = np.concatenate(ev) if ev else np.zeros(0, dtype=EVENT_DTYPE)
+    waveforms = np.concatenate(wf) if wf else np.zeros(shape, dtype=np.float32)
+    return events, waveforms, fe

@@ -16,6 +16,11 @@ from .errors import ConfigError
 EVENT_DTYPE = np.dtype([("sample_index", "<i8"), ("channel", "<i4"), ("amplitude", "<f4")])
 
 
+# a labelled spike: the spikes contract's fields plus the distance to the nearest centroid
+SPIKE_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"), ("amplitude", "<f4"),
+                        ("distance", "<f4")])
+
+
 def empty_events(n: int = 0) -> np.ndarray:
     """Return an events array of length ``n`` (``EVENT_DTYPE``)."""
     return np.zeros(n, dtype=EVENT_DTYPE)

@@ -28,3 +28,18 @@ def small_filtered(small_sim):
     cfg = Config()
     return preprocess_array(rec.get_traces(0, rec.n_samples), cfg.preprocess, rec.sampling_rate,
                             rec.gains_to_uV, rec.offsets_to_uV)
+
+
+SMALL_TRAIN = {"train": {"epochs": 8, "max_snippets": 3000, "patience": 3}}
+
+
+@pytest.fixture(scope="session")
+def trained(small_sim, tmp_path_factory):
+    """A bundle trained on ``small_sim`` with a short Transformer run: (TrainResult, bundle path)."""
+    from rtsort.config import Config
+    from rtsort.train import train_bundle
+
+    rec, _, _ = small_sim
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    result = train_bundle(rec, out, Config.from_dict(SMALL_TRAIN), seed=3, progress=False)
+    return result, out

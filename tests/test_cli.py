@@ -7,7 +7,7 @@ import pytest
 
 from rtsort.cli import main
 
-COMMANDS = ["simulate", "detect", "demo"]
+COMMANDS = ["simulate", "detect", "train", "sort", "eval", "demo"]
 
 
 def _run(*args):
@@ -52,3 +52,34 @@ def test_simulate_then_detect_with_truth(tmp_path):
     q = json.loads((tmp_path / "q.json").read_text())
     assert 0 < q["recall"] <= 1 and 0 < q["precision"] <= 1
     assert "recall" in res.stdout
+
+
+def test_sort_then_eval(small_sim, trained, tmp_path, capsys):
+    rec, _, sim_dir = small_sim
+    assert main(["-q", "sort", str(rec.source), "--bundle", str(trained[1]), "--out", str(tmp_path / "s.npz")]) == 0
+    s = np.load(tmp_path / "s.npz")
+    assert s["sample_index"].dtype == np.int64 and s["unit"].dtype == np.int32
+    assert s["channel"].dtype == np.int32 and s["amplitude"].dtype == np.float32
+    assert float(s["sampling_rate"]) == 30000.0
+    assert main(["-q", "eval", str(tmp_path / "s.npz"), "--truth", str(sim_dir / "truth.npz"),
+                 "--json", str(tmp_path / "a.json")]) == 0
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert rep["summary"]["n_true_units"] == 12 and 0 < rep["summary"]["mean_accuracy"] <= 1
+    assert len(rep["units"]) == 12
+    assert "well detected" in capsys.readouterr().out
+
+
+def test_train_command_errors_are_one_line(tmp_path):
+    res = _run("train", str(tmp_path / "missing.bin"), "--out", str(tmp_path / "b"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = _run("sort", str(tmp_path / "missing.bin"), "--bundle", str(tmp_path / "nob"), "--out",
+               str(tmp_path / "s.npz"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_train_command_writes_a_bundle(small_sim, tmp_path):
+    rec, _, _ = small_sim
+    (tmp_path / "c.toml").write_text('[train]\nfeatures = "pca"\n')
+    res = _run("-q", "train", str(rec.source), "--out", str(tmp_path / "b"), "--config", str(tmp_path / "c.toml"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "b/manifest.json").exists() and "units from" in res.stdout and "flags" in res.stdout

@@ -1,0 +1,54 @@
+"""Nearest-centroid labelling with a rejection radius per centroid.
+
+A unit may own several centroids (clusters merged into one unit at training
+keep their own centroids, so a unit whose spikes peak on two channels is not
+forced into one blob). A spike farther from its nearest centroid than that
+centroid's radius is "unassigned" (-1), never guessed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BundleError
+
+
+class Assigner:
+    """Label feature vectors by their nearest centroid.
+
+    Parameters
+    ----------
+    centroids : ndarray (n, F) float32
+    centroid_unit : ndarray (n,) int
+        The unit each centroid belongs to.
+    radius : ndarray (n,) float32
+        Rejection distance of each centroid (inf = never reject).
+    """
+
+    def __init__(self, centroids, centroid_unit, radius):
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.centroid_unit = np.asarray(centroid_unit, dtype=np.int32)
+        self.radius = np.asarray(radius, dtype=np.float32)
+        n = self.centroids.shape[0]
+        if self.centroids.ndim != 2 or self.centroid_unit.shape != (n,) or self.radius.shape != (n,):
+            raise BundleError(
+                f"centroids {self.centroids.shape}, centroid units {self.centroid_unit.shape} and radii "
+                f"{self.radius.shape} do not agree"
+            )
+        self._sq = (self.centroids.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
+
+    @property
+    def n_features(self) -> int:
+        return self.centroids.shape[1]
+
+    def assign(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (unit (k,) int32 with -1 = unassigned, distance to the nearest centroid (k,) float32)."""
+        k = features.shape[0]
+        if k == 0 or self.centroids.shape[0] == 0:
+            return np.full(k, -1, np.int32), np.full(k, np.inf, np.float32)
+        f = np.ascontiguousarray(features, dtype=np.float32)
+        d2 = (f * f).sum(axis=1)[:, None] - 2.0 * (f @ self.centroids.T) + self._sq[None, :]
+        nearest = d2.argmin(axis=1)
+        dist = np.sqrt(np.maximum(d2[np.arange(k), nearest], 0.0))
+        unit = np.where(dist <= self.radius[nearest], self.centroid_unit[nearest], -1).astype(np.int32)
+        return unit, dist.astype(np.float32)

@@ -1,0 +1,134 @@
+"""Per-spike features, shared by training and the runtime: no torch here.
+
+A spike's feature vector is its encoder latent (from ``encoder.onnx``, run
+with onnxruntime) next to its position on the probe, each scaled so that one
+unit of distance means the same in both::
+
+    features = [latent * latent_scale, location_um / position_scale_um]
+
+The encoder sees snippets in noise units (each channel divided by its voltage
+noise from the bundle) and the snippet channels' positions relative to the
+peak channel, so one model serves any probe layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+log = logging.getLogger("rtsort.features")
+
+WAVEFORMS_INPUT = "waveforms"  # (B, T, K) float32, noise units
+POSITIONS_INPUT = "positions"  # (B, K, 2) float32, um relative to the peak channel
+LATENT_OUTPUT = "latent"  # (B, D) float32
+
+
+def normalize_waveforms(waveforms: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
+                        voltage_noise: np.ndarray) -> np.ndarray:
+    """Divide each snippet channel by its voltage noise: (k, T, K) uV -> noise units (float32)."""
+    inv = (1.0 / voltage_noise).astype(np.float32)  # inf noise (flat channel) -> 0
+    return waveforms * inv[channel_index[channels]][:, None, :]
+
+
+def spike_locations(xn: np.ndarray, channels: np.ndarray, positions: np.ndarray,
+                    relative_positions: np.ndarray, floor: float = 3.0) -> np.ndarray:
+    """Spike positions (k, 2) in um: centre of mass of the squared peak-to-peak over the snippet channels.
+
+    Channels below ``floor`` noise units of peak-to-peak do not count, so noise
+    does not pull the estimate towards the snippet's centre.
+    """
+    if xn.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.float32)
+    ptp = xn.max(axis=1) - xn.min(axis=1)  # (k, K)
+    w = np.maximum(ptp - floor, 0.0) ** 2
+    w[:, 0] += 1e-6  # a spike with nothing above the floor sits on its peak channel
+    offset = np.einsum("kc,kcd->kd", w, relative_positions[channels]) / w.sum(axis=1)[:, None]
+    return (positions[channels] + offset).astype(np.float32)
+
+
+class Encoder:
+    """An ONNX encoder run by onnxruntime on a fixed number of threads.
+
+    Parameters
+    ----------
+    path : path to ``encoder.onnx``
+    threads : int
+        ``intra_op_num_threads``; inter-op parallelism is off (sequential execution).
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{path}: not a loadable ONNX encoder ({exc})") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if WAVEFORMS_INPUT not in inputs:
+            raise BundleError(f"{path}: encoder has no '{WAVEFORMS_INPUT}' input (inputs: {sorted(inputs)})")
+        self.uses_positions = POSITIONS_INPUT in inputs
+        outputs = self.session.get_outputs()
+        if len(outputs) != 1:
+            raise BundleError(f"{path}: encoder must have one output, has {len(outputs)}")
+        self.latent_dim = outputs[0].shape[-1]
+        shape = inputs[WAVEFORMS_INPUT].shape
+        self.input_shape = tuple(shape[1:])
+        self._out = [outputs[0].name]
+
+    def __call__(self, xn: np.ndarray, relative_positions: np.ndarray | None = None) -> np.ndarray:
+        """Latents (k, D) for noise-normalised snippets (k, T, K) and their relative positions (k, K, 2)."""
+        feed = {WAVEFORMS_INPUT: np.ascontiguousarray(xn, dtype=np.float32)}
+        if self.uses_positions:
+            feed[POSITIONS_INPUT] = np.ascontiguousarray(relative_positions, dtype=np.float32)
+        return self.session.run(self._out, feed)[0]
+
+
+class Featurizer:
+    """Snippets -> feature vectors for nearest-centroid labelling (the same code offline and online).
+
+    Parameters
+    ----------
+    encoder : Encoder
+    channel_index : ndarray (C, K)
+        Snippet channels of each peak channel (from the snippet extractor).
+    relative_positions : ndarray (C, K, 2)
+    positions : ndarray (C, 2)
+        Channel positions in um.
+    voltage_noise : ndarray (C,)
+    latent_scale, position_scale_um : float
+    """
+
+    def __init__(self, encoder: Encoder, channel_index, relative_positions, positions, voltage_noise,
+                 latent_scale: float, position_scale_um: float):
+        self.encoder = encoder
+        self.channel_index = np.asarray(channel_index)
+        self.relative_positions = np.asarray(relative_positions, dtype=np.float32)
+        self.positions = np.asarray(positions, dtype=np.float32)
+        self.voltage_noise = np.asarray(voltage_noise, dtype=np.float32)
+        self.latent_scale = np.float32(latent_scale)
+        self.position_scale = np.float32(position_scale_um)
+        self.n_features = int(encoder.latent_dim) + 2
+
+    def parts(self, waveforms: np.ndarray, channels: np.ndarray):
+        """(latents (k, D), locations (k, 2) um) of a batch of snippets (k, T, K) uV."""
+        xn = normalize_waveforms(waveforms, channels, self.channel_index, self.voltage_noise)
+        latent = self.encoder(xn, self.relative_positions[channels])
+        return latent, spike_locations(xn, channels, self.positions, self.relative_positions)
+
+    def combine(self, latent: np.ndarray, locations: np.ndarray) -> np.ndarray:
+        return np.hstack([latent * self.latent_scale, locations / self.position_scale]).astype(np.float32)
+
+    def __call__(self, waveforms: np.ndarray, channels: np.ndarray) -> np.ndarray:
+        """Feature vectors (k, D + 2) of a batch of snippets (k, T, K) uV."""
+        if waveforms.shape[0] == 0:
+            return np.zeros((0, self.n_features), dtype=np.float32)
+        return self.combine(*self.parts(waveforms, channels))

@@ -1,0 +1,111 @@
+"""Clustering spike features into units (scikit-learn), merging, centroids and rejection radii.
+
+1. HDBSCAN on the features (latent + position) of up to ``max_spikes`` spikes
+   finds dense groups and leaves the rest as noise: no number of units to give.
+2. Groups whose mean waveforms are the same unit (relative distance below
+   ``merge_threshold`` after the best shift of +/-1 sample, on the channels both
+   cover) are merged by average-linkage agglomerative clustering. A unit whose
+   spikes peak on two channels is found as two groups and merged here.
+3. Every group keeps its own centroid, labelled with its unit, and a rejection
+   radius: ``reject_factor`` x the ``reject_quantile`` of its members' distances.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import HDBSCAN, AgglomerativeClustering
+
+from ..assign import Assigner
+from ..config import ClusterConfig
+
+log = logging.getLogger("rtsort.train")
+
+FAR = 1e3  # template distance of groups that cannot be compared
+
+
+@dataclass
+class Clustering:
+    centroids: np.ndarray  # (n_centroids, F) float32
+    centroid_unit: np.ndarray  # (n_centroids,) int32
+    radius: np.ndarray  # (n_centroids,) float32
+    labels: np.ndarray  # (n_spikes,) int32, the runtime's labels for every spike
+    n_groups: int
+
+
+def templates_on_probe(xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray, labels: np.ndarray,
+                       n_labels: int, n_channels: int):
+    """Mean snippet of each label on the probe's channels: (n, C, T) and the spike count per channel (n, C)."""
+    t, k = xn.shape[1], xn.shape[2]
+    m = labels >= 0
+    sums = np.zeros((n_labels, n_channels, t), dtype=np.float64)
+    counts = np.zeros((n_labels, n_channels), dtype=np.int64)
+    lab = np.repeat(labels[m], k)
+    chan = channel_index[channels[m]].ravel()
+    np.add.at(sums, (lab, chan), xn[m].transpose(0, 2, 1).reshape(-1, t))
+    np.add.at(counts, (lab, chan), 1)
+    return (sums / np.maximum(counts, 1)[:, :, None]).astype(np.float32), counts
+
+
+def template_distances(templates: np.ndarray, counts: np.ndarray, max_shift: int = 1) -> np.ndarray:
+    """Relative distance between every pair of mean waveforms (FAR where they cannot be compared)."""
+    n = templates.shape[0]
+    size = counts.max(axis=1)
+    covered = counts >= 0.5 * size[:, None]
+    peak = np.abs(templates).max(axis=2).argmax(axis=1)
+    d = np.full((n, n), FAR, dtype=np.float64)
+    np.fill_diagonal(d, 0.0)
+    for a in range(n):
+        for b in range(a + 1, n):
+            both = covered[a] & covered[b]
+            if not (both[peak[a]] or both[peak[b]]):
+                continue
+            ta, tb = templates[a, both], templates[b, both]
+            scale = max(np.linalg.norm(ta), np.linalg.norm(tb), 1e-6)
+            best = min(np.linalg.norm(ta - np.roll(tb, s, axis=1)) for s in range(-max_shift, max_shift + 1))
+            d[a, b] = d[b, a] = best / scale
+    return d
+
+
+def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
+            positions: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> Clustering:
+    """Cluster spikes into units and build the runtime's centroids (see the module docstring)."""
+    n = features.shape[0]
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.choice(n, cfg.max_spikes, replace=False)) if n > cfg.max_spikes else np.arange(n)
+    groups = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples, copy=True).fit_predict(features[sub])
+    n_groups = int(groups.max()) + 1
+    log.info("HDBSCAN: %d groups from %d spikes (%.0f%% left as noise)", n_groups, sub.size,
+             100.0 * np.mean(groups < 0))
+    if n_groups == 0:
+        empty = np.zeros((0, features.shape[1]), np.float32)
+        return Clustering(empty, np.zeros(0, np.int32), np.zeros(0, np.float32), np.full(n, -1, np.int32), 0)
+    tm, counts = templates_on_probe(xn[sub], channels[sub], channel_index, groups, n_groups, positions.shape[0])
+    if n_groups > 1:
+        dist = template_distances(tm, counts)
+        merged = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
+                                         distance_threshold=cfg.merge_threshold).fit_predict(dist)
+    else:
+        merged = np.zeros(1, dtype=np.int64)
+    # units numbered along the probe (by the position of their biggest channel)
+    n_units = int(merged.max()) + 1
+    utm, ucounts = templates_on_probe(xn[sub], channels[sub], channel_index, np.where(groups >= 0, merged[groups], -1),
+                                      n_units, positions.shape[0])
+    peak = np.abs(utm).max(axis=2).argmax(axis=1)
+    order = np.lexsort((positions[peak, 0], positions[peak, 1]))
+    unit_of_merged = np.empty(n_units, dtype=np.int32)
+    unit_of_merged[order] = np.arange(n_units, dtype=np.int32)
+    centroid_unit = unit_of_merged[merged]
+    centroids = np.stack([features[sub][groups == g].mean(axis=0) for g in range(n_groups)]).astype(np.float32)
+    # radii from every spike's distance to its nearest centroid
+    nearest, dist_all = Assigner(centroids, np.arange(n_groups), np.full(n_groups, np.inf)).assign(features)
+    radius = np.empty(n_groups, dtype=np.float32)
+    for g in range(n_groups):
+        own = dist_all[nearest == g]
+        radius[g] = cfg.reject_factor * np.quantile(own, cfg.reject_quantile) if own.size else 0.0
+    labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
+    log.info("%d groups merged into %d units; %.1f%% of spikes unassigned", n_groups, n_units,
+             100.0 * np.mean(labels < 0))
+    return Clustering(centroids, centroid_unit, radius, labels, n_groups)

@@ -1,0 +1,156 @@
+"""``rtsort train``: recording -> bundle.
+
+Every phase uses the runtime's own objects where the runtime has one: the
+front end cuts the snippets, the exported ONNX encoder (not torch) computes
+the features that are clustered, and the runtime's assigner gives the labels
+the quality metrics are computed on. What the bundle says about its units is
+what the runtime will do.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..bundle import save_bundle
+from ..config import Config
+from ..errors import RecordingError
+from ..features import Encoder, Featurizer, normalize_waveforms
+from ..frontend import snippets_recording
+from .cluster import cluster, templates_on_probe
+from .metrics import unit_metrics
+
+log = logging.getLogger("rtsort.train")
+
+MIN_SPIKES = 100
+ENCODE_BATCH = 4096
+
+
+@dataclass
+class TrainResult:
+    bundle_dir: Path
+    units: list
+    spikes: np.ndarray  # the runtime's labels for the training recording (SPIKE_DTYPE)
+    timings: dict
+    history: dict
+
+
+def fit_pca(x: np.ndarray, latent_dim: int, seed: int):
+    from sklearn.decomposition import PCA
+
+    pca = PCA(latent_dim, random_state=seed).fit(x.reshape(x.shape[0], -1))
+    return pca.mean_.reshape(x.shape[1:]), pca.components_
+
+
+def encode_all(featurizer: Featurizer, waveforms: np.ndarray, channels: np.ndarray, progress: bool):
+    """(latents, locations) for every snippet, in batches, through the runtime's featurizer."""
+    lat, loc = [], []
+    for i in tqdm(range(0, waveforms.shape[0], ENCODE_BATCH), desc="encode", disable=not progress, leave=False):
+        a, b = featurizer.parts(waveforms[i:i + ENCODE_BATCH], channels[i:i + ENCODE_BATCH])
+        lat.append(a)
+        loc.append(b)
+    return np.concatenate(lat), np.concatenate(loc)
+
+
+def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
+                 progress: bool = True) -> TrainResult:
+    """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring)."""
+    from ..pipeline import labelled
+
+    config = config or Config()
+    out_dir = Path(out_dir)
+    timings = {}
+    t0 = time.perf_counter()
+    events, waveforms, fe = snippets_recording(recording, config, progress=progress)
+    timings["detect_s"] = time.perf_counter() - t0
+    if events.size < MIN_SPIKES:
+        raise RecordingError(f"{recording.source}: only {events.size} spikes detected in "
+                             f"{recording.duration_s:.1f} s; at least {MIN_SPIKES} are needed to train")
+    log.info("%d spikes in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
+    snip = fe.snippets
+    channels = events["channel"]
+    noise = fe.noise_levels
+    xn = normalize_waveforms(waveforms, channels, snip.channel_index, noise[1])
+    rng = np.random.default_rng(seed)
+    n_fit = min(events.size, config.train.max_snippets)
+    fit_idx = np.sort(rng.choice(events.size, n_fit, replace=False))
+
+    t1 = time.perf_counter()
+    history: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        enc_path = Path(tmp) / "encoder.onnx"
+        if config.train.features == "transformer":
+            from .export import export_encoder
+            from .fit import fit_autoencoder
+
+            model, history = fit_autoencoder(xn[fit_idx], snip.relative_positions[channels[fit_idx]], config.train,
+                                             seed, progress)
+            history["onnx_max_abs_diff"] = export_encoder(model.encoder, enc_path, xn[fit_idx],
+                                                          snip.relative_positions[channels[fit_idx]])
+        else:
+            from .export import export_linear
+
+            export_linear(*fit_pca(xn[fit_idx], config.train.latent_dim, seed), enc_path)
+        timings["fit_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        encoder = Encoder(enc_path, threads=1)
+        featurizer = Featurizer(encoder, snip.channel_index, snip.relative_positions, recording.probe.positions_um,
+                                noise[1], 1.0, config.cluster.position_scale_um)
+        latent, loc = encode_all(featurizer, waveforms, channels, progress)
+        # one feature unit = the spread of the latent's main direction
+        top = np.linalg.eigvalsh(np.cov(latent[fit_idx], rowvar=False).astype(np.float64))[-1]
+        featurizer.latent_scale = np.float32(1.0 / np.sqrt(max(top, 1e-12)))
+        features = featurizer.combine(latent, loc)
+        timings["encode_s"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        clu = cluster(features, xn, channels, snip.channel_index, recording.probe.positions_um, config.cluster, seed)
+        timings["cluster_s"] = time.perf_counter() - t3
+
+        n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
+        C = recording.n_channels
+        tm_uv = templates_on_probe(waveforms, channels, snip.channel_index, clu.labels, n_units, C)[0]
+        tm_noise = templates_on_probe(xn, channels, snip.channel_index, clu.labels, n_units, C)[0]
+        snr = np.abs(tm_noise).max(axis=(1, 2)) if n_units else np.zeros(0)
+        units = unit_metrics(clu.labels, events["sample_index"], events["amplitude"], features, snr, n_units,
+                             recording.sampling_rate, recording.duration_s, seed)
+        for row, t in zip(units, tm_uv):
+            peak = int(np.abs(t).max(axis=1).argmax())
+            row["peak_channel"] = peak
+            row["position_um"] = np.median(loc[clu.labels == row["unit"]], axis=0).tolist() \
+                if row["n_spikes"] else [float("nan")] * 2
+        spikes = labelled(events, clu.labels, np.zeros(events.size, np.float32))
+        features_meta = {
+            "kind": config.train.features,
+            "latent_dim": int(encoder.latent_dim),
+            "latent_scale": float(featurizer.latent_scale),
+            "position_scale_um": float(config.cluster.position_scale_um),
+            "n_samples": int(snip.n_samples),
+            "n_snippet_channels": int(snip.k_channels),
+            "n_before": int(snip.nbefore),
+        }
+        timings["total_s"] = time.perf_counter() - t0
+        training = {
+            "recording": str(recording.source),
+            "duration_s": float(recording.duration_s),
+            "n_spikes": int(events.size),
+            "n_fit_snippets": int(n_fit),
+            "n_groups": int(clu.n_groups),
+            "unassigned_fraction": float(np.mean(clu.labels < 0)),
+            "seed": int(seed),
+            "history": history,
+            "timings_s": timings,
+        }
+        save_bundle(out_dir, config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
+                    noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
+                    centroid_unit=clu.centroid_unit, centroid_radius=clu.radius,
+                    templates=tm_uv.transpose(0, 2, 1), features=features_meta, units=units, training=training)
+    log.info("bundle written to %s: %d units in %.1f s", out_dir, n_units, timings["total_s"])
+    return TrainResult(out_dir, units, spikes, timings, history)

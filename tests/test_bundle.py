@@ -1,0 +1,116 @@
+"""Bundle validation, the runtime's feature path, assignment, and no torch at run time."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rtsort.assign import Assigner
+from rtsort.bundle import load_bundle
+from rtsort.errors import BundleError
+from rtsort.io import write_recording
+from rtsort.pipeline import Pipeline, sort_recording
+
+
+@pytest.fixture
+def bundle_copy(trained, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(trained[1], dst)
+    return dst
+
+
+def test_load_round_trip(trained):
+    b = load_bundle(trained[1])
+    assert b.n_channels == 32 and b.sampling_rate == 30000.0
+    assert b.noise_levels.shape == (2, 32) and np.all(b.noise_levels > 0)
+    assert b.centroids.shape[1] == b.features["latent_dim"] + 2
+    assert b.templates.shape[0] == b.n_units and b.templates.shape[2] == 32
+
+
+def test_tampered_file_is_refused(bundle_copy):
+    c = np.load(bundle_copy / "centroids.npy")
+    np.save(bundle_copy / "centroids.npy", c + 1e-3)
+    with pytest.raises(BundleError, match="centroids.npy: sha256 .* does not match"):
+        load_bundle(bundle_copy)
+
+
+def test_truncated_encoder_is_refused(bundle_copy):
+    data = (bundle_copy / "encoder.onnx").read_bytes()
+    (bundle_copy / "encoder.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="encoder.onnx: sha256"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(schema_version=99), "schema version 99"),
+    (lambda m: m.update(schema="other"), "not an rtsort bundle"),
+    (lambda m: m["files"].pop("centroids.npy"), "centroids.npy is not listed"),
+    (lambda m: m.update(channel_positions_um=m["channel_positions_um"][:-1]), "channel_positions_um has shape"),
+    (lambda m: m["config"]["detect"].update(threshold=-1), "detect.threshold must be"),
+])
+def test_bad_manifest_is_refused(bundle_copy, edit, message):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    edit(m)
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_missing_or_garbled_manifest(bundle_copy, tmp_path):
+    with pytest.raises(BundleError, match="bundle directory not found"):
+        load_bundle(tmp_path / "nothing")
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="invalid JSON"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(bundle_copy)
+
+
+def test_wrong_channel_count_and_rate_are_refused_with_both_values(small_sim, trained, tmp_path):
+    rec, _, _ = small_sim
+    x = rec.get_traces(0, 30000)
+    fewer = write_recording(tmp_path / "few.bin", x[:, :16], 30000.0, rec.probe.positions_um[:16], gain_to_uV=0.195)
+    with pytest.raises(BundleError, match="has 16 channels but the bundle .* expects 32"):
+        sort_recording(fewer, trained[1], progress=False)
+    slower = write_recording(tmp_path / "slow.bin", x, 20000.0, rec.probe.positions_um, gain_to_uV=0.195)
+    with pytest.raises(BundleError, match="sampled at 20000 Hz but the bundle .* expects 30000 Hz"):
+        sort_recording(slower, trained[1], progress=False)
+    moved = write_recording(tmp_path / "moved.bin", x, 30000.0, rec.probe.positions_um + [0, 5], gain_to_uV=0.195)
+    with pytest.raises(BundleError, match="channel 0 is at"):
+        sort_recording(moved, trained[1], progress=False)
+
+
+def test_assigner_rejects_beyond_radius_and_maps_centroids_to_units():
+    a = Assigner(np.array([[0, 0], [10, 0], [0, 10]], np.float32), [0, 1, 1], [1.0, 1.0, 2.0])
+    unit, dist = a.assign(np.array([[0.5, 0], [10, 0.9], [0, 11.5], [5, 5], [0, 13]], np.float32))
+    np.testing.assert_array_equal(unit, [0, 1, 1, -1, -1])
+    np.testing.assert_allclose(dist[:3], [0.5, 0.9, 1.5], rtol=1e-5)
+    unit, dist = a.assign(np.zeros((0, 2), np.float32))
+    assert unit.shape == (0,)
+
+
+def test_pipeline_chunk_by_chunk(small_sim, trained):
+    rec, _, _ = small_sim
+    pipe = Pipeline(trained[1], rec.gains_to_uV, rec.offsets_to_uV)
+    pipe.warmup()
+    got = [pipe.process(c.samples) for c in rec.iter_chunks(30, stop=90000)]
+    spikes = np.concatenate(got)
+    assert spikes.size > 50 and pipe.n_spikes == spikes.size
+    assert spikes["unit"].min() >= -1 and spikes["unit"].max() < pipe.bundle.n_units
+    assert np.all(np.diff(spikes["sample_index"]) >= -100)  # emitted in (nearly) time order
+
+
+def test_runtime_never_imports_torch(small_sim, trained):
+    rec, _, _ = small_sim
+    code = (
+        "import sys; import rtsort.pipeline as p; from rtsort.io import open_recording; "
+        f"s, _ = p.sort_recording(open_recording({str(rec.source)!r}), {str(trained[1])!r}, progress=False); "
+        "assert s.size > 0; mods = [m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn')]; "
+        "print(mods); assert not mods"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr + res.stdout

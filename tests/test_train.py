@@ -1,0 +1,113 @@
+"""Training: ONNX parity, clustering into units, accuracy against ground truth, determinism."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rtsort.config import Config
+from rtsort.evaluate import sorting_accuracy
+from rtsort.features import Encoder
+from rtsort.pipeline import sort_recording
+from rtsort.train import train_bundle
+from rtsort.train.export import export_encoder, export_linear
+from rtsort.train.model import SpikeEncoder
+
+
+def test_onnx_encoder_matches_torch_for_any_batch(tmp_path):
+    torch.manual_seed(0)
+    enc = SpikeEncoder(48, 8, latent_dim=12, d_model=32, n_layers=2, n_heads=4).eval()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 48, 8)).astype(np.float32) * 3
+    p = rng.normal(size=(64, 8, 2)).astype(np.float32) * 30
+    export_encoder(enc, tmp_path / "e.onnx", x, p)
+    session = Encoder(tmp_path / "e.onnx", threads=1)
+    assert session.uses_positions and session.latent_dim == 12 and session.input_shape == (48, 8)
+    for b in (1, 7, 200):  # the batch axis is dynamic
+        xb = rng.normal(size=(b, 48, 8)).astype(np.float32) * 3
+        pb = rng.normal(size=(b, 8, 2)).astype(np.float32) * 30
+        with torch.no_grad():
+            ref = enc(torch.from_numpy(xb), torch.from_numpy(pb)).numpy()
+        got = session(xb, pb)
+        assert got.shape == (b, 12)
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_pca_encoder_matches_sklearn(tmp_path):
+    from sklearn.decomposition import PCA
+
+    x = np.random.default_rng(1).normal(size=(500, 48, 8)).astype(np.float32)
+    pca = PCA(6, random_state=0).fit(x.reshape(500, -1))
+    export_linear(pca.mean_.reshape(48, 8), pca.components_, tmp_path / "p.onnx")
+    got = Encoder(tmp_path / "p.onnx")(x[:50])
+    assert np.abs(got - pca.transform(x[:50].reshape(50, -1))).max() < 1e-4
+
+
+def test_bundle_contents(trained):
+    result, path = trained
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["n_channels"] == 32
+    assert set(manifest["files"]) >= {"encoder.onnx", "centroids.npy", "centroid_unit.npy", "centroid_radius.npy"}
+    assert len(manifest["noise_levels"]["voltage_uV"]) == 32
+    assert manifest["config"]["detect"]["threshold"] == Config().detect.threshold
+    assert manifest["training"]["history"]["onnx_max_abs_diff"] <= 1e-4
+    units = manifest["units"]
+    assert len(units) >= 6
+    for u in units:
+        for key in ("n_spikes", "firing_rate_hz", "snr", "isi_violations_ratio", "presence_ratio",
+                    "amplitude_cutoff", "isolation_distance", "l_ratio", "silhouette", "flags"):
+            assert key in u
+        assert u["n_spikes"] > 0 and u["firing_rate_hz"] > 0 and u["snr"] > 0
+    assert not any(f.endswith((".pkl", ".pickle")) for f in manifest["files"])
+
+
+def test_sorting_accuracy_on_ground_truth(small_sim, trained):
+    """The units with SNR >= 8 are sorted with accuracy >= 0.8 by the runtime pipeline."""
+    rec, truth, _ = small_sim
+    spikes, _ = sort_recording(rec, trained[1], progress=False)
+    rep = sorting_accuracy(spikes["sample_index"], spikes["unit"], truth["sample_index"], truth["unit"],
+                           rec.sampling_rate)
+    snr = np.abs(truth["templates"]).max(axis=(1, 2)) / float(truth["noise_uV"])
+    acc = np.array([u["accuracy"] for u in rep["units"]])
+    strong = snr >= 8
+    assert strong.sum() >= 5
+    assert np.mean(acc[strong] >= 0.8) >= 0.8, (acc.round(2), snr.round(1))
+    assert rep["summary"]["well_detected"] >= 6, rep["summary"]
+    assert rep["summary"]["unassigned_fraction"] < 0.2
+
+
+def test_sort_gives_the_training_labels_for_any_chunking(small_sim, trained):
+    """Offline parity: the runtime pipeline labels the training recording as training did."""
+    rec, _, _ = small_sim
+    result, path = trained
+    a, _ = sort_recording(rec, path, chunk_s=1.0, progress=False)
+    b, _ = sort_recording(rec, path, chunk_s=0.0137, progress=False)
+    order = lambda s: np.lexsort((s["channel"], s["sample_index"]))  # noqa: E731
+    a, b, t = a[order(a)], b[order(b)], result.spikes[order(result.spikes)]
+    for other in (b, t):
+        np.testing.assert_array_equal(a["sample_index"], other["sample_index"])
+        np.testing.assert_array_equal(a["channel"], other["channel"])
+        np.testing.assert_array_equal(a["unit"], other["unit"])
+
+
+@pytest.mark.parametrize("features", ["transformer", "pca"])
+def test_training_is_deterministic(small_sim, tmp_path, features):
+    rec, _, _ = small_sim
+    cfg = Config.from_dict({"train": {"epochs": 3, "max_snippets": 3000, "features": features}})
+    r1 = train_bundle(rec, tmp_path / "1", cfg, seed=5, progress=False)
+    r2 = train_bundle(rec, tmp_path / "2", cfg, seed=5, progress=False)
+    for name in ("centroids.npy", "centroid_unit.npy", "centroid_radius.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "1" / name), np.load(tmp_path / "2" / name))
+    np.testing.assert_array_equal(r1.spikes["unit"], r2.spikes["unit"])
+
+
+def test_too_few_spikes_is_a_clear_error(tmp_path):
+    from rtsort.errors import RecordingError
+    from rtsort.io import write_recording
+
+    rng = np.random.default_rng(0)
+    rec = write_recording(tmp_path / "quiet.bin", (rng.normal(size=(30000, 8)) * 50).astype(np.int16), 30000.0,
+                          positions_um=np.c_[np.zeros(8), np.arange(8) * 20.0], gain_to_uV=0.195)
+    with pytest.raises(RecordingError, match="spikes detected"):
+        train_bundle(rec, tmp_path / "b", progress=False)
