@@ -122,7 +122,7 @@ class TrainConfig:
     features: str = "transformer"  # "transformer" or "pca"
     latent_dim: int = 12
     d_model: int = 32
-    n_layers: int = 2
+    n_layers: int = 1
     n_heads: int = 4
     epochs: int = 25
     batch_size: int = 256

@@ -8,6 +8,7 @@ object, so offline and online spikes cannot differ.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,10 +125,13 @@ class FrontEnd:
 
     def process(self, samples: np.ndarray) -> FrontEndOutput:
         """Run one chunk of raw samples through every stage (the preprocessor checks its shape)."""
+        return self.process_filtered(self.preprocessor.process(samples))
+
+    def process_filtered(self, filtered: np.ndarray) -> FrontEndOutput:
+        """Detection and snippets for a chunk this front end's preprocessor has already filtered."""
         first = self._next_sample
-        filtered = self.preprocessor.process(samples)
         events = self.detector.process(filtered)
-        self._next_sample += samples.shape[0]
+        self._next_sample += filtered.shape[0]
         if self.snippets is None:
             wait = (self._next_sample - 1 - events["sample_index"]).astype(np.int64)
             return FrontEndOutput(events, None, wait, filtered)
@@ -135,15 +139,39 @@ class FrontEnd:
         return FrontEndOutput(ev, wf, wait, filtered)
 
 
+def filtered_chunks(preprocessor: Preprocessor, recording: Recording, chunk: int, stop: int | None = None):
+    """Yield ``(n_samples, filtered)`` for consecutive chunks, preprocessing the next chunk on a worker thread.
+
+    Offline work uses the machine's second core this way: the numba kernels
+    release the GIL, so reading and filtering chunk i + 1 overlaps detection,
+    encoding and assignment of chunk i. Three output buffers rotate, so a
+    yielded array stays valid while the next one is filled (not longer).
+    """
+    stop = recording.n_samples if stop is None else min(stop, recording.n_samples)
+    buffers = [np.empty((min(chunk, max(stop, 1)), recording.n_channels), dtype=np.float32) for _ in range(3)]
+
+    def job(i: int, start: int):
+        raw = recording.get_traces(start, min(start + chunk, stop))
+        return raw.shape[0], preprocessor.process(raw, out=buffers[i % 3][: raw.shape[0]])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtsort-preprocess") as pool:
+        starts = range(0, stop, chunk)
+        pending = pool.submit(job, 0, starts[0]) if len(starts) else None
+        for i in range(len(starts)):
+            result = pending.result()
+            pending = pool.submit(job, i + 1, starts[i + 1]) if i + 1 < len(starts) else None
+            yield result
+
+
 def _stream(fe: FrontEnd, recording: Recording, chunk_s: float, progress: bool, stop: int | None, desc: str):
     """Yield the front end's output for each chunk of ``recording`` (calibrated, warmed up)."""
     fe.warmup()
     chunk = max(1, int(chunk_s * recording.sampling_rate))
-    stop = recording.n_samples if stop is None else min(stop, recording.n_samples)
-    with tqdm(total=stop, desc=desc, unit="sample", unit_scale=True, disable=not progress, leave=False) as bar:
-        for c in recording.iter_chunks(chunk, stop=stop):
-            yield fe.process(c.samples)
-            bar.update(c.n_samples)
+    total = recording.n_samples if stop is None else min(stop, recording.n_samples)
+    with tqdm(total=total, desc=desc, unit="sample", unit_scale=True, disable=not progress, leave=False) as bar:
+        for n, filtered in filtered_chunks(fe.preprocessor, recording, chunk, stop):
+            yield fe.process_filtered(filtered)
+            bar.update(n)
 
 
 def _front_end(recording: Recording, config: Config, noise_levels, snippets: bool) -> FrontEnd:

@@ -19,7 +19,7 @@ from .assign import Assigner
 from .bundle import Bundle, load_bundle
 from .errors import BundleError
 from .features import Encoder, Featurizer
-from .frontend import FrontEnd
+from .frontend import FrontEnd, filtered_chunks
 from .types import SPIKE_DTYPE
 
 log = logging.getLogger("rtsort.pipeline")
@@ -91,7 +91,11 @@ class Pipeline:
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         """One chunk of raw samples (n, C) -> the spikes it completed (SPIKE_DTYPE), labelled."""
-        out = self.front.process(samples)
+        return self.process_filtered(self.front.preprocessor.process(samples))
+
+    def process_filtered(self, filtered: np.ndarray) -> np.ndarray:
+        """The stages after preprocessing, for a chunk this pipeline's preprocessor filtered."""
+        out = self.front.process_filtered(filtered)
         ev = out.events
         if ev.size == 0:
             return np.zeros(0, dtype=SPIKE_DTYPE)
@@ -112,9 +116,9 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
     t0 = time.perf_counter()
     with tqdm(total=recording.n_samples, desc="sort", unit="sample", unit_scale=True, disable=not progress,
               leave=False) as bar:
-        for c in recording.iter_chunks(chunk):
-            pieces.append(pipe.process(c.samples))
-            bar.update(c.n_samples)
+        for n, filtered in filtered_chunks(pipe.front.preprocessor, recording, chunk):
+            pieces.append(pipe.process_filtered(filtered))
+            bar.update(n)
     dt = time.perf_counter() - t0
     spikes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=SPIKE_DTYPE)
     log.info("sorted %.1f s of %d channels in %.1f s (%.1fx real time): %d spikes, %d unassigned",
