@@ -57,15 +57,14 @@ def template_distances(templates: np.ndarray, counts: np.ndarray, max_shift: int
     peak = np.abs(templates).max(axis=2).argmax(axis=1)
     d = np.full((n, n), FAR, dtype=np.float64)
     np.fill_diagonal(d, 0.0)
-    for a in range(n):
-        for b in range(a + 1, n):
-            both = covered[a] & covered[b]
-            if not (both[peak[a]] or both[peak[b]]):
-                continue
-            ta, tb = templates[a, both], templates[b, both]
-            scale = max(np.linalg.norm(ta), np.linalg.norm(tb), 1e-6)
-            best = min(np.linalg.norm(ta - np.roll(tb, s, axis=1)) for s in range(-max_shift, max_shift + 1))
-            d[a, b] = d[b, a] = best / scale
+    # comparable: both cover the peak channel of one of them
+    own = covered[:, peak].T & covered[np.arange(n), peak][:, None]  # own[a, b]: b covers a's peak
+    for a, b in zip(*np.nonzero(np.triu(own | own.T, k=1))):
+        both = covered[a] & covered[b]
+        ta, tb = templates[a, both], templates[b, both]
+        scale = max(np.linalg.norm(ta), np.linalg.norm(tb), 1e-6)
+        best = min(np.linalg.norm(ta - np.roll(tb, s, axis=1)) for s in range(-max_shift, max_shift + 1))
+        d[a, b] = d[b, a] = best / scale
     return d
 
 
