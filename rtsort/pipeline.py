@@ -125,3 +125,90 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
              recording.duration_s, recording.n_channels, dt, recording.duration_s / max(dt, 1e-9), spikes.size,
              int(np.sum(spikes["unit"] < 0)))
     return spikes, dt
+
+
+def _percentiles(values, scale: float = 1.0) -> dict:
+    v = np.asarray(values, dtype=np.float64) * scale
+    if v.size == 0:
+        return {}
+    return {name: float(np.percentile(v, q)) for name, q in
+            (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
+
+
+def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
+               chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None) -> dict:
+    """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
+
+    Returns the run's statistics (counts, compute per chunk, trough-to-emission
+    latency of each spike on the source clock); sinks are closed on every exit,
+    so spikes already found always reach the output.
+    """
+    from .streams import FileSource, open_sink, open_source
+    from .streams.replay import now
+
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed)
+    if isinstance(src, FileSource):
+        bundle.check_recording(src.recording)
+    outs = []
+    fs = bundle.sampling_rate
+    compute, latency = [], []
+    counts = {"chunks": 0, "samples": 0, "spikes": 0, "unassigned": 0, "gaps": 0, "gap_samples": 0}
+    pipe = None
+    expected = None
+    last_data = time.monotonic()
+    try:
+        outs = [open_sink(s, fs) for s in sinks]
+        while stop is None or not stop.is_set():
+            chunk = src.read()
+            if chunk is None:
+                if isinstance(src, FileSource):
+                    break
+                if idle_timeout is not None and pipe is not None and time.monotonic() - last_data > idle_timeout:
+                    log.info("no samples for %.1f s: stopping", idle_timeout)
+                    break
+                continue
+            last_data = time.monotonic()
+            t0 = time.perf_counter()
+            if pipe is None:
+                gains = getattr(src, "gains_to_uV", None)
+                if gains is None:
+                    gains = getattr(src, "gain_to_uV", None) or 1.0
+                pipe = Pipeline(bundle, gains, getattr(src, "offsets_to_uV", 0.0), threads)
+                pipe.warmup()
+                pipe.reset(chunk.first_sample)
+                expected = chunk.first_sample
+                t0 = time.perf_counter()
+            if chunk.first_sample != expected:  # a gap: the filters restart at the new sample
+                counts["gaps"] += 1
+                counts["gap_samples"] += chunk.first_sample - expected
+                pipe.reset(chunk.first_sample)
+            spikes = pipe.process(chunk.samples)
+            expected = chunk.first_sample + chunk.n_samples
+            if spikes.size:
+                ts = (chunk.timestamp if chunk.timestamp is not None else np.nan) + \
+                    (spikes["sample_index"] - chunk.first_sample) / fs
+                for sink in outs:
+                    sink.write(spikes, ts)
+                latency.extend((now() - ts).tolist())
+            compute.append(time.perf_counter() - t0)
+            counts["chunks"] += 1
+            counts["samples"] += chunk.n_samples
+            counts["spikes"] += spikes.size
+            counts["unassigned"] += int(np.count_nonzero(spikes["unit"] < 0))
+            if duration is not None and counts["samples"] >= duration * fs:
+                break
+    except KeyboardInterrupt:
+        log.warning("interrupted: closing the sinks")
+    finally:
+        for sink in outs:
+            sink.close()
+        src.close()
+    counts["malformed"] = dict(getattr(src, "malformed", {}))
+    counts["source_gaps"] = len(getattr(src, "gaps", []))
+    stats = {**counts, "compute_ms": _percentiles(compute, 1000.0),
+             "trough_to_emit_ms": _percentiles([x for x in latency if np.isfinite(x)], 1000.0)}
+    log.info("run: %d chunks, %d spikes (%d unassigned), %d gaps; compute per chunk p50 %.3f p99 %.3f ms",
+             counts["chunks"], counts["spikes"], counts["unassigned"], counts["gaps"],
+             stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))
+    return stats

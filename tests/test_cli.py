@@ -7,7 +7,7 @@ import pytest
 
 from rtsort.cli import main
 
-COMMANDS = ["simulate", "detect", "train", "sort", "eval", "demo"]
+COMMANDS = ["simulate", "detect", "train", "sort", "eval", "run", "replay", "demo"]
 
 
 def _run(*args):

@@ -1,0 +1,99 @@
+"""Sources and sinks named by URI: ``file:PATH``, ``zmq:tcp://127.0.0.1:PORT`` (LSL: next)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import StreamFormatError
+from ..types import Chunk
+
+
+class FileSource:
+    """A recording read in chunks, as fast as possible (``speed=None``) or paced."""
+
+    def __init__(self, recording, chunk_ms: float = 1.0, speed: float | None = None):
+        self.recording = recording
+        self.chunk = max(1, int(round(chunk_ms * recording.sampling_rate / 1000.0)))
+        self.speed = speed
+        self._it = recording.iter_chunks(self.chunk)
+        self._t0 = None
+        self.gaps, self.malformed = [], {}
+        self.gains_to_uV, self.offsets_to_uV = recording.gains_to_uV, recording.offsets_to_uV
+
+    def read(self) -> Chunk | None:
+        from .replay import now, wait_until
+
+        c = next(self._it, None)
+        if c is None:
+            return None
+        if self._t0 is None:
+            self._t0 = now()
+        c.timestamp = self._t0 + c.first_sample / self.recording.sampling_rate / (self.speed or np.inf)
+        if self.speed:
+            wait_until(self._t0 + (c.first_sample + c.n_samples) / self.recording.sampling_rate / self.speed)
+        return c
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float = 1.0,
+                speed: float | None = None):
+    if uri.startswith("file:"):
+        from ..io import open_recording
+
+        return FileSource(open_recording(uri[5:]), chunk_ms, speed)
+    if uri.startswith("zmq:"):
+        from .zmq import ZmqSource
+
+        return ZmqSource(uri, n_channels, sampling_rate, timeout_s=0.2)
+    raise StreamFormatError(f"{uri}: unknown source; use file:PATH or zmq:tcp://HOST:PORT")
+
+
+class ZmqSpikeSink:
+    """Publish labelled spikes (wire format 'spikes', with the trough's time on the source clock)."""
+
+    def __init__(self, uri: str):
+        from .zmq import ZmqPublisher
+
+        self.pub = ZmqPublisher(uri)
+
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+        from .zmq import spikes_message
+
+        out = np.empty(spikes.size, [("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"),
+                                     ("timestamp", "<f8"), ("amplitude", "<f4")])
+        for name in ("sample_index", "unit", "channel", "amplitude"):
+            out[name] = spikes[name]
+        out["timestamp"] = timestamps
+        self.pub.send(spikes_message(out))
+
+    def close(self) -> None:
+        self.pub.close()
+
+
+class CallbackSink:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+        self.fn(spikes, timestamps)
+
+    def close(self) -> None:
+        pass
+
+
+def open_sink(uri, sampling_rate: float):
+    if callable(uri):
+        return CallbackSink(uri)
+    if uri.startswith("file:"):
+        from .files import SpikeFileSink
+
+        return SpikeFileSink(uri[5:], sampling_rate)
+    if uri.startswith("zmq:"):
+        return ZmqSpikeSink(uri)
+    raise StreamFormatError(f"{uri}: unknown sink; use file:PATH.npz or zmq:tcp://127.0.0.1:PORT")

@@ -1,0 +1,165 @@
+"""Streams on real ZeroMQ sockets (127.0.0.1): parity with sort, malformed messages, gaps, the crash-safe file."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from rtsort.pipeline import run_stream, sort_recording
+from rtsort.streams.files import SpikeFileSink, read_spike_log, recover_spike_file
+from rtsort.streams.replay import replay
+from rtsort.streams.zmq import ZmqSource, decode_spikes, samples_message
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _key(s):
+    return np.lexsort((s["channel"], s["sample_index"]))
+
+
+def test_replay_over_zmq_then_run_matches_sort(small_sim, trained, tmp_path):
+    """Parity: rtsort sort and replay -> run over ZeroMQ give the same spikes and labels (12 s of data)."""
+    rec, _, _ = small_sim
+    src, dst = f"zmq:tcp://127.0.0.1:{free_port()}", f"zmq:tcp://127.0.0.1:{free_port()}"
+    out = tmp_path / "live.npz"
+    result = {}
+    listener = zmq.Context.instance().socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"")
+    listener.connect(dst[4:])
+    runner = threading.Thread(target=lambda: result.update(run_stream(
+        trained[1], src, [f"file:{out}", dst], idle_timeout=1.5)))
+    runner.start()
+    time.sleep(0.3)
+    sender = subprocess.run([sys.executable, "-m", "rtsort", "-q", "replay", str(rec.source), "--to", src,
+                             "--speed", "4", "--chunk-ms", "1"], capture_output=True, text=True, timeout=120)
+    runner.join(60)
+    assert not runner.is_alive()
+    assert sender.returncode == 0, sender.stderr
+    assert f"sent {rec.n_samples} samples" in sender.stdout and "dropped 0" in sender.stdout
+    assert result["samples"] == rec.n_samples and result["gaps"] == 0 and not result["malformed"]
+    live = np.load(out)
+    ref, _ = sort_recording(rec, trained[1], progress=False)
+    a, b = ref[_key(ref)], {k: live[k][_key(live)] for k in ("sample_index", "channel", "unit")}
+    for k in ("sample_index", "channel", "unit"):
+        np.testing.assert_array_equal(a[k], b[k])
+    # the ZeroMQ spike sink published the same spikes
+    got = []
+    while listener.poll(100):
+        got.append(decode_spikes(listener.recv_multipart()))
+    listener.close(0)
+    pub = np.concatenate(got)
+    assert pub.size == ref.size and set(pub.dtype.names) >= {"sample_index", "unit", "channel", "timestamp"}
+
+
+def test_malformed_messages_are_counted_and_skipped():
+    port = free_port()
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    src = ZmqSource(f"zmq:tcp://127.0.0.1:{port}", n_channels=4, sampling_rate=30000.0, timeout_s=0.5)
+    time.sleep(0.3)
+    good = np.arange(40, dtype=np.int16).reshape(10, 4)
+    pub.send_multipart([b"{not json", good.tobytes()])
+    pub.send_multipart(samples_message(good[:, :3].copy(), 0, 30000.0, 0.0))  # 3 channels
+    h = json.loads(samples_message(good, 0, 30000.0, 0.0)[0])
+    pub.send_multipart([json.dumps({**h, "dtype": "complex64"}).encode(), good.tobytes()])
+    pub.send_multipart([json.dumps(h).encode(), good.tobytes()[:-2]])  # truncated payload
+    pub.send_multipart([b"only one frame"])
+    pub.send_multipart(samples_message(good, 0, 30000.0, 1.0))
+    pub.send_multipart(samples_message(good, 10, 30000.0, 1.0))
+    pub.send_multipart(samples_message(good, 50, 30000.0, 1.0))  # 30 samples missing
+    chunks = [src.read() for _ in range(3)]
+    src.close()
+    pub.close(0)
+    assert [c.first_sample for c in chunks] == [0, 10, 50]
+    np.testing.assert_array_equal(chunks[0].samples, good)
+    assert dict(src.malformed) == {"header": 1, "channels": 1, "dtype": 1, "size": 1, "frames": 1}
+    assert src.gaps == [(20, 50)]
+
+
+def test_spike_file_survives_kill_9(tmp_path):
+    path = tmp_path / "spikes.npz"
+    code = (
+        "import os, signal, numpy as np\n"
+        "from rtsort.streams.files import SpikeFileSink\n"
+        "from rtsort.types import SPIKE_DTYPE\n"
+        f"sink = SpikeFileSink({str(path)!r}, 30000.0)\n"
+        "for i in range(50):\n"
+        "    s = np.zeros(20, SPIKE_DTYPE); s['sample_index'] = i * 20 + np.arange(20); s['unit'] = i % 3\n"
+        "    sink.write(s, s['sample_index'] / 30000.0)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert res.returncode == -signal.SIGKILL
+    assert not path.exists() and (tmp_path / "spikes.npz.log").exists()
+    spikes, fs, ts = read_spike_log(tmp_path / "spikes.npz.log")
+    assert spikes.size == 1000 and fs == 30000.0
+    np.testing.assert_array_equal(spikes["sample_index"], np.arange(1000))
+    # a torn last record is dropped, the rest recovered into the spikes contract
+    with open(tmp_path / "spikes.npz.log", "ab") as fh:
+        fh.write(b"\x01\x02\x03")
+    recover_spike_file(tmp_path / "spikes.npz.log", tmp_path / "rec.npz")
+    rec = np.load(tmp_path / "rec.npz")
+    assert rec["sample_index"].size == 1000 and rec["unit"].dtype == np.int32 and float(rec["sampling_rate"]) == 3e4
+    # a new sink over a stale log recovers it first, then starts over
+    sink = SpikeFileSink(path, 30000.0)
+    assert (tmp_path / "spikes.recovered.npz").exists()
+    sink.close()
+    assert path.exists() and not (tmp_path / "spikes.npz.log").exists()
+
+
+def test_run_file_source_with_channel_mismatch_is_refused(small_sim, trained, tmp_path):
+    from rtsort.errors import BundleError
+    from rtsort.io import write_recording
+
+    rec, _, _ = small_sim
+    few = write_recording(tmp_path / "few.bin", rec.get_traces(0, 3000)[:, :16], 30000.0,
+                          rec.probe.positions_um[:16], gain_to_uV=0.195)
+    with pytest.raises(BundleError, match="has 16 channels but the bundle .* expects 32"):
+        run_stream(trained[1], f"file:{few.source}", [f"file:{tmp_path / 's.npz'}"])
+
+
+def test_zmq_gap_restarts_the_pipeline_and_is_reported(small_sim, trained):
+    rec, _, _ = small_sim
+    port = free_port()
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(run_stream(
+        trained[1], f"zmq:tcp://127.0.0.1:{port}", [], idle_timeout=0.5)))
+    runner.start()
+    time.sleep(0.5)
+    x = rec.get_traces(0, 60000)
+    for first in list(range(0, 30000, 300)) + list(range(33000, 60000, 300)):  # 3000 samples lost
+        pub.send_multipart(samples_message(x[first:first + 300], first, 30000.0, first / 30000.0, gain_to_uV=0.195))
+    runner.join(30)
+    pub.close(0)
+    assert result["gaps"] == 1 and result["gap_samples"] == 3000 and result["source_gaps"] == 1
+    assert result["samples"] == 57000 and result["spikes"] > 20
+
+
+def test_replay_pacing_error_is_small_and_does_not_drift(small_sim):
+    rec, _, _ = small_sim
+    port = free_port()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    stats = replay(rec, f"zmq:tcp://127.0.0.1:{port}", speed=2.0, chunk_ms=10.0, duration=2.0, start_delay_s=0.3)
+    wall = time.monotonic() - t0
+    sub.close(0)
+    assert stats["samples"] == 60000 and stats["chunks"] == 200
+    assert stats["pacing_error_ms"]["p50"] < 1.0
+    assert abs(wall - 0.3 - 1.0) < 0.3  # 2 s of samples at 2x: 1 s, no drift
