@@ -68,6 +68,11 @@ class Bundle:
         return self.probe.n_channels
 
     @property
+    def gain_to_uV(self) -> float:
+        """The training recording's (mean) gain: the scale assumed for integer streams that do not give one."""
+        return float(self.manifest.get("gain_to_uV", 1.0))
+
+    @property
     def n_units(self) -> int:
         return len(self.units)
 
@@ -96,7 +101,7 @@ class Bundle:
 
 def save_bundle(out_dir: str | Path, *, config: Config, sampling_rate: float, probe: Probe, noise_levels,
                 encoder_file: str | Path, centroids, centroid_unit, centroid_radius, templates, features: dict,
-                units: list, training: dict) -> Path:
+                units: list, training: dict, gain_to_uV: float = 1.0) -> Path:
     """Write a bundle directory (the encoder file is moved in); the manifest is written last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +125,7 @@ def save_bundle(out_dir: str | Path, *, config: Config, sampling_rate: float, pr
         "rtsort_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sampling_rate": float(sampling_rate),
+        "gain_to_uV": float(gain_to_uV),
         "n_channels": probe.n_channels,
         "channel_ids": [str(c) for c in probe.channel_ids],
         "channel_positions_um": np.asarray(probe.positions_um, dtype=float).tolist(),

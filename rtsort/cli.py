@@ -305,18 +305,20 @@ def _add_run(sub):
         description="Read chunks from a source, run the bundle's preprocessing, detector, encoder and "
                     "nearest-centroid labels causally, and emit labelled spikes to every sink. Sources: "
                     "file:PATH (a recording; --speed paces it), zmq:tcp://HOST:PORT (connects to a samples "
-                    "publisher). Sinks: file:SPIKES.npz (crash-safe log while running), zmq:tcp://127.0.0.1:PORT "
-                    "(binds a PUB socket). LSL arrives next.",
+                    "publisher), lsl:NAME (an LSL stream). Sinks: file:SPIKES.npz (crash-safe log while running), "
+                    "zmq:tcp://127.0.0.1:PORT (binds a PUB socket), lsl:NAME (a Markers outlet [unit, channel] "
+                    "stamped with each trough's LSL time).",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory")
-    p.add_argument("--source", required=True, help="file:PATH or zmq:tcp://HOST:PORT")
-    p.add_argument("--sink", action="append", default=[], help="file:SPIKES.npz or zmq:tcp://127.0.0.1:PORT "
-                                                               "(repeatable)")
+    p.add_argument("--source", required=True, help="file:PATH, zmq:tcp://HOST:PORT or lsl:NAME")
+    p.add_argument("--sink", action="append", default=[], help="file:SPIKES.npz, zmq:tcp://127.0.0.1:PORT or "
+                                                               "lsl:NAME (repeatable)")
     p.add_argument("--duration", type=_positive_float, help="stop after this many seconds of samples")
     p.add_argument("--idle-timeout", type=_positive_float, help="stop after this many seconds without samples")
     p.add_argument("--chunk-ms", type=_positive_float, default=1.0, help="chunk length for file sources")
     p.add_argument("--speed", type=_positive_float, help="pace a file source at this multiple of real time")
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads")
+    p.add_argument("--resolve-timeout", type=_positive_float, default=5.0, help="seconds to look for an LSL stream")
     p.add_argument("--stats", type=Path, help="write the run's statistics as JSON")
     p.set_defaults(func=_cmd_run)
 
@@ -325,7 +327,7 @@ def _cmd_run(args) -> int:
     from .pipeline import run_stream
 
     stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
-                       args.speed, args.threads)
+                       args.speed, args.threads, resolve_timeout=args.resolve_timeout)
     c, lat = stats["compute_ms"], stats["trough_to_emit_ms"]
     print(f"{stats['chunks']} chunks, {stats['spikes']} spikes ({stats['unassigned']} unassigned), "
           f"{stats['gaps']} gaps ({stats['gap_samples']} samples), malformed {stats['malformed'] or 0}")
@@ -342,11 +344,12 @@ def _add_replay(sub):
     p = sub.add_parser(
         "replay", formatter_class=_Formatter,
         help="publish a recording as a live stream",
-        description="Send a recording over ZeroMQ (wire format 'samples'; binds the address) in chunks, paced "
-                    "against an absolute clock so it never drifts, and report the pacing error.",
+        description="Send a recording over ZeroMQ (wire format 'samples'; binds the address) or as an LSL "
+                    "stream (float32 uV) in chunks, paced against an absolute clock so it never drifts, and "
+                    "report the pacing error.",
     )
     p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
-    p.add_argument("--to", required=True, help="zmq:tcp://127.0.0.1:PORT")
+    p.add_argument("--to", required=True, help="zmq:tcp://127.0.0.1:PORT or lsl:NAME")
     p.add_argument("--speed", type=_positive_float, default=1.0, help="multiple of real time")
     p.add_argument("--chunk-ms", type=_positive_float, default=1.0, help="chunk length in ms")
     p.add_argument("--loop", action="store_true", help="start over at the end (until --duration or Ctrl-C)")

@@ -136,7 +136,8 @@ def _percentiles(values, scale: float = 1.0) -> dict:
 
 
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
-               chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None) -> dict:
+               chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
+               resolve_timeout: float = 5.0) -> dict:
     """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
 
     Returns the run's statistics (counts, compute per chunk, trough-to-emission
@@ -147,7 +148,8 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     from .streams.replay import now
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed)
+    src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed,
+                      gain_to_uV=bundle.gain_to_uV, resolve_timeout=resolve_timeout)
     if isinstance(src, FileSource):
         bundle.check_recording(src.recording)
     outs = []
@@ -171,9 +173,10 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             last_data = time.monotonic()
             t0 = time.perf_counter()
             if pipe is None:
-                gains = getattr(src, "gains_to_uV", None)
-                if gains is None:
-                    gains = getattr(src, "gain_to_uV", None) or 1.0
+                gains = getattr(src, "gains_to_uV", None)  # a file knows its gains
+                if gains is None:  # a stream says it, or floats are uV and integers use the training gain
+                    gains = getattr(src, "gain_to_uV", None) or (
+                        bundle.gain_to_uV if chunk.samples.dtype.kind in "iu" else 1.0)
                 pipe = Pipeline(bundle, gains, getattr(src, "offsets_to_uV", 0.0), threads)
                 pipe.warmup()
                 pipe.reset(chunk.first_sample)

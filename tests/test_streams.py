@@ -163,3 +163,101 @@ def test_replay_pacing_error_is_small_and_does_not_drift(small_sim):
     assert stats["samples"] == 60000 and stats["chunks"] == 200
     assert stats["pacing_error_ms"]["p50"] < 1.0
     assert abs(wall - 0.3 - 1.0) < 0.3  # 2 s of samples at 2x: 1 s, no drift
+
+
+# ---------------------------------------------------------------- LSL (real outlets and inlets on loopback)
+def _uid(prefix):
+    return f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
+    """Parity over LSL: replay -> run -> marker outlet, received by a separate consumer."""
+    import pylsl
+
+    rec, _, _ = small_sim
+    name, markers = _uid("rtsort-test-src"), _uid("rtsort-test-markers")
+    out = tmp_path / "lsl.npz"
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(run_stream(
+        trained[1], f"lsl:{name}", [f"file:{out}", f"lsl:{markers}"], idle_timeout=2.0, resolve_timeout=20)))
+    runner.start()
+    sender = subprocess.Popen([sys.executable, "-m", "rtsort", "-q", "replay", str(rec.source), "--to",
+                               f"lsl:{name}", "--speed", "3", "--chunk-ms", "1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    info = pylsl.resolve_byprop("name", markers, timeout=20)
+    assert info, "the marker outlet did not appear"
+    inlet = pylsl.StreamInlet(info[0], processing_flags=pylsl.proc_clocksync)
+    inlet.open_stream(timeout=5)
+    got, lat = [], []
+    while runner.is_alive():
+        x, ts = inlet.pull_chunk(timeout=0.2, as_numpy=True)
+        if len(ts):
+            got.append(x)
+            lat.extend(pylsl.local_clock() - ts)
+    x, ts = inlet.pull_chunk(timeout=0.5, as_numpy=True)
+    if len(ts):
+        got.append(x)
+    inlet.close_stream()
+    stdout, stderr = sender.communicate(timeout=60)
+    assert sender.returncode == 0, stderr
+    ref, _ = sort_recording(rec, trained[1], progress=False)
+    live = np.load(out)
+    assert result["samples"] == rec.n_samples and result["gaps"] == 0
+    for k in ("sample_index", "channel", "unit"):
+        np.testing.assert_array_equal(ref[_key(ref)][k], live[k][_key(live)])
+    marks = np.concatenate(got)
+    assert marks.shape[1] == 2 and marks.dtype == np.int32
+    assert marks.shape[0] >= 0.95 * ref.size  # the consumer joined a little after the start
+    assert np.median(lat) < 0.5  # seconds; the benchmark measures it properly
+
+
+def test_lsl_channel_mismatch_and_missing_stream_are_clear_errors(trained):
+    import pylsl
+
+    from rtsort.errors import BundleError, StreamLostError
+
+    name = _uid("rtsort-test-16ch")
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 16, 30000.0, pylsl.cf_float32, name))
+    with pytest.raises(BundleError, match="has 16 channels but the bundle expects 32"):
+        run_stream(trained[1], f"lsl:{name}", [], resolve_timeout=10)
+    del outlet
+    t0 = time.monotonic()
+    with pytest.raises(StreamLostError, match="no LSL stream of that name found within 0.5 s"):
+        run_stream(trained[1], f"lsl:{_uid('nothing')}", [], resolve_timeout=0.5)
+    assert time.monotonic() - t0 < 15  # liblsl may overrun a short resolve timeout on a busy machine
+
+
+def test_lsl_stream_that_vanishes_and_returns(small_sim, trained):
+    import pylsl
+
+    rec, _, _ = small_sim
+    name = _uid("rtsort-test-vanish")
+    x = (rec.get_traces(0, 90000) * 0.195).astype(np.float32)
+
+    def outlet():
+        return pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 32, 30000.0, pylsl.cf_float32, name), chunk_size=300)
+
+    def push(o, start, stop, t0):
+        for i in range(start, stop, 300):
+            o.push_chunk(x[i:i + 300], t0 + (i + 299) / 30000.0)
+            time.sleep(0.002)
+
+    result = {}
+    first = outlet()
+    runner = threading.Thread(target=lambda: result.update(run_stream(
+        trained[1], f"lsl:{name}", [], idle_timeout=4.0, resolve_timeout=10)))
+    runner.start()
+    assert first.wait_for_consumers(20)
+    t0 = pylsl.local_clock()
+    push(first, 0, 30000, t0)
+    time.sleep(0.5)
+    del first  # the stream vanishes
+    time.sleep(1.0)
+    second = outlet()  # and returns, 30000 samples later
+    assert second.wait_for_consumers(20)  # the inlet recovers by itself
+    push(second, 60000, 90000, t0)
+    runner.join(30)
+    del second
+    assert result["source_gaps"] == 1 and result["gaps"] == 1, result
+    assert abs(result["gap_samples"] - 30000) <= 30
+    assert result["samples"] >= 59000 and result["spikes"] > 20

@@ -1,4 +1,4 @@
-"""Sources and sinks named by URI: ``file:PATH``, ``zmq:tcp://127.0.0.1:PORT`` (LSL: next)."""
+"""Sources and sinks named by URI: ``file:PATH``, ``zmq:tcp://127.0.0.1:PORT``, ``lsl:NAME``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class FileSource:
 
 
 def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float = 1.0,
-                speed: float | None = None):
+                speed: float | None = None, gain_to_uV: float = 1.0, resolve_timeout: float = 5.0):
     if uri.startswith("file:"):
         from ..io import open_recording
 
@@ -51,7 +51,11 @@ def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float
         from .zmq import ZmqSource
 
         return ZmqSource(uri, n_channels, sampling_rate, timeout_s=0.2)
-    raise StreamFormatError(f"{uri}: unknown source; use file:PATH or zmq:tcp://HOST:PORT")
+    if uri.startswith("lsl:"):
+        from .lsl import LslSource
+
+        return LslSource(uri[4:], n_channels, sampling_rate, resolve_timeout=resolve_timeout, gain_to_uV=gain_to_uV)
+    raise StreamFormatError(f"{uri}: unknown source; use file:PATH, zmq:tcp://HOST:PORT or lsl:NAME")
 
 
 class ZmqSpikeSink:
@@ -96,4 +100,8 @@ def open_sink(uri, sampling_rate: float):
         return SpikeFileSink(uri[5:], sampling_rate)
     if uri.startswith("zmq:"):
         return ZmqSpikeSink(uri)
-    raise StreamFormatError(f"{uri}: unknown sink; use file:PATH.npz or zmq:tcp://127.0.0.1:PORT")
+    if uri.startswith("lsl:"):
+        from .lsl import LslMarkerSink
+
+        return LslMarkerSink(uri[4:])
+    raise StreamFormatError(f"{uri}: unknown sink; use file:PATH.npz, zmq:tcp://127.0.0.1:PORT or lsl:NAME")

@@ -32,45 +32,65 @@ def wait_until(t: float) -> None:
             time.sleep(left - 0.0007)
 
 
+def _sender(recording, to: str, chunk: int):
+    """A function (samples, first_sample, t_first, t_last) -> None for the destination, and its closer."""
+    fs = recording.sampling_rate
+    if to.startswith("zmq:"):
+        pub = ZmqPublisher(to)
+        gain = float(np.mean(recording.gains_to_uV))
+
+        def send(samples, first, t_first, t_last):
+            pub.send(samples_message(samples, first, fs, t_first, gain_to_uV=gain))
+        return send, pub
+    if to.startswith("lsl:"):
+        from .lsl import LslSamplesOutlet
+
+        out = LslSamplesOutlet(to[4:], recording.n_channels, fs, chunk)
+        gains = np.asarray(recording.gains_to_uV, dtype=np.float32)
+        offsets = np.asarray(recording.offsets_to_uV, dtype=np.float32)
+
+        def send(samples, first, t_first, t_last):
+            out.send(samples * gains + offsets, t_last)  # LSL stamps the last sample of a chunk
+        return send, out
+    raise StreamFormatError(f"{to}: replay sends to zmq:ADDRESS or lsl:NAME")
+
+
 def replay(recording, to: str, speed: float = 1.0, chunk_ms: float = 1.0, loop: bool = False,
            duration: float | None = None, start_delay_s: float = 0.5, stop=None) -> dict:
-    """Send ``recording`` to ``to`` (``zmq:ADDRESS``) in chunks of ``chunk_ms``, ``speed`` x real time.
+    """Send ``recording`` to ``to`` (``zmq:ADDRESS`` or ``lsl:NAME``) in chunks, ``speed`` x real time.
 
     Chunk k leaves when its last sample would have been acquired: at
     ``t0 + (first_sample + n) / (fs * speed)`` on the stream clock, whatever
-    the previous sends cost, so the error never accumulates. Returns the
-    pacing error (send time - due time) percentiles in ms and the counts.
+    the previous sends cost, so the error never accumulates. ZeroMQ carries
+    raw samples with ``gain_to_uV`` in the header; LSL carries float32 uV.
+    Returns the pacing error (send time - due time) percentiles in ms and the counts.
     """
-    if not to.startswith("zmq:"):
-        raise StreamFormatError(f"{to}: replay sends to zmq:ADDRESS (LSL arrives with the runtime's LSL support)")
     fs = recording.sampling_rate
     chunk = max(1, int(round(chunk_ms * fs / 1000.0)))
-    pub = ZmqPublisher(to)
+    send, transport = _sender(recording, to, chunk)
     time.sleep(start_delay_s)  # let subscribers join before the first sample (ZeroMQ's slow joiner)
-    total = recording.n_samples if duration is None else int(duration * fs)
+    total = recording.n_samples * (10**9 if loop else 1) if duration is None else int(duration * fs)
     errors = []
     sent = 0
     t0 = now()
     try:
-        while sent < total:
-            for c in recording.iter_chunks(chunk, stop=min(recording.n_samples, total - sent) if not loop
-                                           else recording.n_samples):
-                if sent >= total or (stop is not None and stop.is_set()):
+        while sent < total and not (stop is not None and stop.is_set()):
+            for c in recording.iter_chunks(chunk, stop=min(recording.n_samples, total - sent)):
+                if stop is not None and stop.is_set():
                     break
-                samples = c.samples[: total - sent]
-                due = t0 + (sent + samples.shape[0]) / (fs * speed)
+                n = c.n_samples
+                due = t0 + (sent + n) / (fs * speed)
                 wait_until(due)
-                pub.send(samples_message(samples, sent, fs, t0 + sent / (fs * speed),
-                                         gain_to_uV=float(np.mean(recording.gains_to_uV))))
+                send(c.samples, sent, t0 + sent / (fs * speed), t0 + (sent + n - 1) / (fs * speed))
                 errors.append(now() - due)
-                sent += samples.shape[0]
-            if not loop or (stop is not None and stop.is_set()):
+                sent += n
+            if not loop:
                 break
     finally:
         time.sleep(0.2)  # let the last messages leave before the socket closes
-        pub.close()
+        transport.close()
     e = np.asarray(errors) * 1000.0
-    stats = {"samples": sent, "chunks": len(errors), "dropped": pub.dropped,
+    stats = {"samples": sent, "chunks": len(errors), "dropped": transport.dropped,
              "pacing_error_ms": {q: float(np.percentile(e, p)) if e.size else 0.0
                                  for q, p in (("p50", 50), ("p99", 99), ("max", 100))}}
     log.info("replayed %d samples in %d chunks; pacing error p50 %.3f ms, p99 %.3f ms, max %.3f ms", sent,

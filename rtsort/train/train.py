@@ -151,6 +151,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         save_bundle(out_dir, config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
                     noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
                     centroid_unit=clu.centroid_unit, centroid_radius=clu.radius,
-                    templates=tm_uv.transpose(0, 2, 1), features=features_meta, units=units, training=training)
+                    templates=tm_uv.transpose(0, 2, 1), features=features_meta, units=units, training=training,
+                    gain_to_uV=float(np.mean(recording.gains_to_uV)))
     log.info("bundle written to %s: %d units in %.1f s", out_dir, n_units, timings["total_s"])
     return TrainResult(out_dir, units, spikes, timings, history)
