@@ -319,6 +319,9 @@ def _add_run(sub):
     p.add_argument("--speed", type=_positive_float, help="pace a file source at this multiple of real time")
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads")
     p.add_argument("--resolve-timeout", type=_positive_float, default=5.0, help="seconds to look for an LSL stream")
+    p.add_argument("--max-lag-ms", type=float, default=50.0,
+                   help="overload policy: chunks later than this are detected but not encoded (spikes leave as "
+                        "-1, counted); 0 turns it off")
     p.add_argument("--stats", type=Path, help="write the run's statistics as JSON")
     p.set_defaults(func=_cmd_run)
 
@@ -327,9 +330,11 @@ def _cmd_run(args) -> int:
     from .pipeline import run_stream
 
     stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
-                       args.speed, args.threads, resolve_timeout=args.resolve_timeout)
+                       args.speed, args.threads, resolve_timeout=args.resolve_timeout,
+                       max_lag_ms=args.max_lag_ms or None)
     c, lat = stats["compute_ms"], stats["trough_to_emit_ms"]
-    print(f"{stats['chunks']} chunks, {stats['spikes']} spikes ({stats['unassigned']} unassigned), "
+    print(f"{stats['chunks']} chunks, {stats['spikes']} spikes ({stats['unassigned']} unassigned, "
+          f"{stats['skipped_encoding']} not encoded in {stats['late_chunks']} late chunks), "
           f"{stats['gaps']} gaps ({stats['gap_samples']} samples), malformed {stats['malformed'] or 0}")
     if c:
         print(f"compute per chunk: p50 {c['p50']:.3f}  p99 {c['p99']:.3f}  max {c['max']:.3f} ms")

@@ -8,6 +8,7 @@ object, so offline and online spikes cannot differ.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ class FrontEnd:
             if snippets else None
         )
         self._next_sample = 0
+        self.last_detect_ns = 0
 
     @classmethod
     def for_recording(cls, config: Config, recording: Recording, noise_levels=None, snippets: bool = True):
@@ -130,7 +132,9 @@ class FrontEnd:
     def process_filtered(self, filtered: np.ndarray) -> FrontEndOutput:
         """Detection and snippets for a chunk this front end's preprocessor has already filtered."""
         first = self._next_sample
+        t0 = time.perf_counter_ns()
         events = self.detector.process(filtered)
+        self.last_detect_ns = time.perf_counter_ns() - t0
         self._next_sample += filtered.shape[0]
         if self.snippets is None:
             wait = (self._next_sample - 1 - events["sample_index"]).astype(np.int64)

@@ -24,6 +24,8 @@ from .types import SPIKE_DTYPE
 
 log = logging.getLogger("rtsort.pipeline")
 
+STAGES = ("preprocess", "detect", "snippets", "encode", "assign")
+
 
 def labelled(events: np.ndarray, unit: np.ndarray, distance: np.ndarray) -> np.ndarray:
     out = np.empty(events.size, dtype=SPIKE_DTYPE)
@@ -71,6 +73,8 @@ class Pipeline:
         self.assigner = Assigner(b.centroids, b.centroid_unit, b.centroid_radius)
         self.n_spikes = 0
         self.n_unassigned = 0
+        self.n_skipped = 0  # detected but not encoded (overload)
+        self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
     @property
     def sampling_rate(self) -> float:
@@ -89,18 +93,39 @@ class Pipeline:
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
 
-    def process(self, samples: np.ndarray) -> np.ndarray:
-        """One chunk of raw samples (n, C) -> the spikes it completed (SPIKE_DTYPE), labelled."""
-        return self.process_filtered(self.front.preprocessor.process(samples))
+    def process(self, samples: np.ndarray, encode: bool = True) -> np.ndarray:
+        """One chunk of raw samples (n, C) -> the spikes it completed (SPIKE_DTYPE), labelled.
 
-    def process_filtered(self, filtered: np.ndarray) -> np.ndarray:
+        ``encode=False`` is the overload path: the spikes are detected and
+        emitted, unlabelled (-1), without the encoder's cost.
+        """
+        t0 = time.perf_counter_ns()
+        filtered = self.front.preprocessor.process(samples)
+        self.stage_ns[0] = time.perf_counter_ns() - t0
+        return self.process_filtered(filtered, encode)
+
+    def process_filtered(self, filtered: np.ndarray, encode: bool = True) -> np.ndarray:
         """The stages after preprocessing, for a chunk this pipeline's preprocessor filtered."""
+        t1 = time.perf_counter_ns()
         out = self.front.process_filtered(filtered)
+        t2 = time.perf_counter_ns()
         ev = out.events
+        st = self.stage_ns
+        st[1] = self.front.last_detect_ns
+        st[2] = t2 - t1 - st[1]
+        st[3] = st[4] = 0
         if ev.size == 0:
             return np.zeros(0, dtype=SPIKE_DTYPE)
-        unit, dist = self.assigner.assign(self.featurizer(out.waveforms, ev["channel"]))
         self.n_spikes += ev.size
+        if not encode:
+            self.n_skipped += ev.size
+            self.n_unassigned += ev.size
+            return labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
+        features = self.featurizer(out.waveforms, ev["channel"])
+        t3 = time.perf_counter_ns()
+        unit, dist = self.assigner.assign(features)
+        st[3] = t3 - t2
+        st[4] = time.perf_counter_ns() - t3
         self.n_unassigned += int(np.count_nonzero(unit < 0))
         return labelled(ev, unit, dist)
 
@@ -137,12 +162,20 @@ def _percentiles(values, scale: float = 1.0) -> dict:
 
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
                chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
-               resolve_timeout: float = 5.0) -> dict:
+               resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0) -> dict:
     """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
 
-    Returns the run's statistics (counts, compute per chunk, trough-to-emission
-    latency of each spike on the source clock); sinks are closed on every exit,
-    so spikes already found always reach the output.
+    Overload policy: when a live chunk arrives more than ``max_lag_ms`` after
+    its last sample was taken (the pipeline has fallen behind), its spikes are
+    detected and emitted unlabelled (-1) without encoding, and counted as
+    ``skipped_encoding``, until the lag is back under the bound. Detection
+    alone runs at about 10x real time at 384 channels, so the backlog drains
+    instead of growing; no chunk is dropped by rtsort itself.
+
+    Returns the run's statistics: counts, compute per chunk (total and per
+    stage), and per spike the algorithmic wait (trough to the end of the chunk
+    that completed it) and trough-to-emission time on the source clock. Sinks
+    are closed on every exit, so spikes already found always reach the output.
     """
     from .streams import FileSource, open_sink, open_source
     from .streams.replay import now
@@ -150,51 +183,69 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed,
                       gain_to_uV=bundle.gain_to_uV, resolve_timeout=resolve_timeout)
+    live = not (isinstance(src, FileSource) and not speed)
     if isinstance(src, FileSource):
         bundle.check_recording(src.recording)
     outs = []
     fs = bundle.sampling_rate
-    compute, latency = [], []
-    counts = {"chunks": 0, "samples": 0, "spikes": 0, "unassigned": 0, "gaps": 0, "gap_samples": 0}
+    compute, stages, sink_ns, latency, wait = [], [], [], [], []
+    counts = {"chunks": 0, "samples": 0, "spikes": 0, "unassigned": 0, "skipped_encoding": 0, "late_chunks": 0,
+              "gaps": 0, "gap_samples": 0}
     pipe = None
     expected = None
     last_data = time.monotonic()
     try:
         outs = [open_sink(s, fs) for s in sinks]
+        pipe = Pipeline(bundle, 1.0, 0.0, threads)  # compiled and warm before the first sample arrives
+        pipe.warmup()
         while stop is None or not stop.is_set():
             chunk = src.read()
             if chunk is None:
                 if isinstance(src, FileSource):
                     break
-                if idle_timeout is not None and pipe is not None and time.monotonic() - last_data > idle_timeout:
+                if idle_timeout is not None and expected is not None and \
+                        time.monotonic() - last_data > idle_timeout:
                     log.info("no samples for %.1f s: stopping", idle_timeout)
                     break
                 continue
             last_data = time.monotonic()
-            t0 = time.perf_counter()
-            if pipe is None:
+            if expected is None:  # the first chunk: its source now knows the scale of its samples
                 gains = getattr(src, "gains_to_uV", None)  # a file knows its gains
                 if gains is None:  # a stream says it, or floats are uV and integers use the training gain
                     gains = getattr(src, "gain_to_uV", None) or (
                         bundle.gain_to_uV if chunk.samples.dtype.kind in "iu" else 1.0)
-                pipe = Pipeline(bundle, gains, getattr(src, "offsets_to_uV", 0.0), threads)
-                pipe.warmup()
+                pre = pipe.front.preprocessor
+                pre.gain[:] = np.broadcast_to(np.asarray(gains, np.float32), pre.gain.shape)
+                pre.offset[:] = np.broadcast_to(np.asarray(getattr(src, "offsets_to_uV", 0.0), np.float32),
+                                                pre.offset.shape)
                 pipe.reset(chunk.first_sample)
                 expected = chunk.first_sample
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
             if chunk.first_sample != expected:  # a gap: the filters restart at the new sample
                 counts["gaps"] += 1
                 counts["gap_samples"] += chunk.first_sample - expected
                 pipe.reset(chunk.first_sample)
-            spikes = pipe.process(chunk.samples)
-            expected = chunk.first_sample + chunk.n_samples
+            last = chunk.first_sample + chunk.n_samples - 1
+            encode = True
+            if live and max_lag_ms is not None and chunk.timestamp is not None:
+                lag = now() - (chunk.timestamp + (chunk.n_samples - 1) / fs)
+                if lag * 1000.0 > max_lag_ms:
+                    encode = False
+                    counts["late_chunks"] += 1
+            spikes = pipe.process(chunk.samples, encode=encode)
+            expected = last + 1
+            t1 = time.perf_counter_ns()
             if spikes.size:
                 ts = (chunk.timestamp if chunk.timestamp is not None else np.nan) + \
                     (spikes["sample_index"] - chunk.first_sample) / fs
                 for sink in outs:
                     sink.write(spikes, ts)
-                latency.extend((now() - ts).tolist())
+                if live:
+                    latency.extend((now() - ts).tolist())
+                wait.extend(((last - spikes["sample_index"]) / fs).tolist())
+            sink_ns.append(time.perf_counter_ns() - t1)
             compute.append(time.perf_counter() - t0)
+            stages.append(pipe.stage_ns.copy())
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
             counts["spikes"] += spikes.size
@@ -207,11 +258,19 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         for sink in outs:
             sink.close()
         src.close()
+    if pipe is not None:
+        counts["skipped_encoding"] = pipe.n_skipped
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
-    stats = {**counts, "compute_ms": _percentiles(compute, 1000.0),
+    counts["dropped_by_sinks"] = int(sum(getattr(getattr(s, "pub", s), "dropped", 0) for s in outs))
+    st = np.array(stages).reshape(-1, len(STAGES)) / 1e6
+    stats = {**counts,
+             "compute_ms": _percentiles(compute, 1000.0),
+             "stage_ms": {name: _percentiles(st[:, i]) for i, name in enumerate(STAGES)},
+             "sink_ms": _percentiles(sink_ns, 1e-6),
+             "wait_ms": _percentiles(wait, 1000.0),
              "trough_to_emit_ms": _percentiles([x for x in latency if np.isfinite(x)], 1000.0)}
-    log.info("run: %d chunks, %d spikes (%d unassigned), %d gaps; compute per chunk p50 %.3f p99 %.3f ms",
-             counts["chunks"], counts["spikes"], counts["unassigned"], counts["gaps"],
-             stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))
+    log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
+             "p99 %.3f ms", counts["chunks"], counts["spikes"], counts["unassigned"], counts["skipped_encoding"],
+             counts["gaps"], stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))
     return stats

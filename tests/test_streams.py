@@ -39,7 +39,7 @@ def test_replay_over_zmq_then_run_matches_sort(small_sim, trained, tmp_path):
     listener.setsockopt(zmq.SUBSCRIBE, b"")
     listener.connect(dst[4:])
     runner = threading.Thread(target=lambda: result.update(run_stream(
-        trained[1], src, [f"file:{out}", dst], idle_timeout=1.5)))
+        trained[1], src, [f"file:{out}", dst], idle_timeout=1.5, max_lag_ms=None)))  # faster than real time
     runner.start()
     time.sleep(0.3)
     sender = subprocess.run([sys.executable, "-m", "rtsort", "-q", "replay", str(rec.source), "--to", src,
@@ -179,7 +179,7 @@ def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
     out = tmp_path / "lsl.npz"
     result = {}
     runner = threading.Thread(target=lambda: result.update(run_stream(
-        trained[1], f"lsl:{name}", [f"file:{out}", f"lsl:{markers}"], idle_timeout=2.0, resolve_timeout=20)))
+        trained[1], f"lsl:{name}", [f"file:{out}", f"lsl:{markers}"], idle_timeout=2.0, resolve_timeout=20, max_lag_ms=None)))
     runner.start()
     sender = subprocess.Popen([sys.executable, "-m", "rtsort", "-q", "replay", str(rec.source), "--to",
                                f"lsl:{name}", "--speed", "3", "--chunk-ms", "1"], stdout=subprocess.PIPE,
@@ -261,3 +261,24 @@ def test_lsl_stream_that_vanishes_and_returns(small_sim, trained):
     assert result["source_gaps"] == 1 and result["gaps"] == 1, result
     assert abs(result["gap_samples"] - 30000) <= 30
     assert result["samples"] >= 59000 and result["spikes"] > 20
+
+
+def test_run_file_source_stats_and_callback(small_sim, trained):
+    rec, _, _ = small_sim
+    got = []
+    stats = run_stream(trained[1], f"file:{rec.source}", [lambda s, t: got.append(s)], duration=3.0)
+    assert stats["samples"] == 90000 and stats["chunks"] == 3000
+    assert sum(g.size for g in got) == stats["spikes"] > 50
+    for name in ("preprocess", "detect", "snippets", "encode", "assign"):
+        assert stats["stage_ms"][name]["max"] >= 0
+    assert stats["compute_ms"]["p50"] > 0 and stats["wait_ms"]["max"] < 2.0  # 1 ms after the trough + up to 1 ms of chunk
+    assert stats["skipped_encoding"] == 0
+
+
+def test_overload_skips_encoding_and_keeps_lag_bounded(small_sim, trained):
+    """A file paced at 50x real time overloads the pipeline: chunks are late, spikes leave unlabelled, none lost."""
+    rec, _, _ = small_sim
+    stats = run_stream(trained[1], f"file:{rec.source}", [], duration=6.0, speed=50.0, max_lag_ms=5.0)
+    ref = run_stream(trained[1], f"file:{rec.source}", [], duration=6.0)
+    assert stats["late_chunks"] > 0 and stats["skipped_encoding"] > 0
+    assert stats["spikes"] == ref["spikes"]  # every spike still emitted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import StreamFormatError
@@ -81,14 +83,39 @@ class ZmqSpikeSink:
 
 
 class CallbackSink:
-    def __init__(self, fn):
+    """Calls ``fn(spikes, timestamps)`` on its own thread; a slow callback loses batches (counted), never time."""
+
+    def __init__(self, fn, max_batches: int = 1000):
+        import queue
+        import threading
+
         self.fn = fn
+        self.dropped = 0
+        self._q = queue.Queue(maxsize=max_batches)
+        self._thread = threading.Thread(target=self._loop, name="rtsort-callback", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                self.fn(*item)
+            except Exception:  # a user's callback must not stop the runtime
+                logging.getLogger("rtsort.streams").exception("spike callback raised; continuing")
 
     def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
-        self.fn(spikes, timestamps)
+        import queue
+
+        try:
+            self._q.put_nowait((spikes, timestamps))
+        except queue.Full:
+            self.dropped += spikes.size
 
     def close(self) -> None:
-        pass
+        self._q.put(None)
+        self._thread.join(5)
 
 
 def open_sink(uri, sampling_rate: float):
