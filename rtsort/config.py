@@ -151,7 +151,7 @@ class ClusterConfig:
 
     min_cluster_size: int = 20
     min_samples: int = 10
-    position_scale_um: float = 20.0  # 1 feature unit = this many um of spike position
+    position_scale_um: float = 10.0  # 1 feature unit = this many um of spike position
     merge_threshold: float = 0.4  # relative template distance below which two clusters are one unit
     max_spikes: int = 40000  # clustering subsample; every spike is then assigned by nearest centroid
     reject_quantile: float = 0.99

@@ -23,13 +23,15 @@ def now() -> float:
 
 
 def wait_until(t: float) -> None:
-    """Sleep to within ~0.3 ms of ``t``, then spin (sleep alone overshoots by up to a scheduler tick)."""
-    while True:
+    """Sleep until ``t`` on the stream clock (Linux's high-resolution timers overshoot by ~0.1 ms).
+
+    No busy-wait: on a 2-core machine a spinning sender would take the core the
+    sorter needs.
+    """
+    left = t - now()
+    while left > 0:
+        time.sleep(left)
         left = t - now()
-        if left <= 0:
-            return
-        if left > 0.001:
-            time.sleep(left - 0.0007)
 
 
 def _sender(recording, to: str, chunk: int):
