@@ -181,6 +181,8 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     from .streams.replay import now
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    pipe = Pipeline(bundle, 1.0, 0.0, threads)  # compiled and warm before the source starts buffering
+    pipe.warmup()
     src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed,
                       gain_to_uV=bundle.gain_to_uV, resolve_timeout=resolve_timeout)
     live = not (isinstance(src, FileSource) and not speed)
@@ -191,13 +193,10 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     compute, stages, sink_ns, latency, wait = [], [], [], [], []
     counts = {"chunks": 0, "samples": 0, "spikes": 0, "unassigned": 0, "skipped_encoding": 0, "late_chunks": 0,
               "gaps": 0, "gap_samples": 0}
-    pipe = None
     expected = None
     last_data = time.monotonic()
     try:
         outs = [open_sink(s, fs) for s in sinks]
-        pipe = Pipeline(bundle, 1.0, 0.0, threads)  # compiled and warm before the first sample arrives
-        pipe.warmup()
         while stop is None or not stop.is_set():
             chunk = src.read()
             if chunk is None:
@@ -258,8 +257,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         for sink in outs:
             sink.close()
         src.close()
-    if pipe is not None:
-        counts["skipped_encoding"] = pipe.n_skipped
+    counts["skipped_encoding"] = pipe.n_skipped
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
     counts["dropped_by_sinks"] = int(sum(getattr(getattr(s, "pub", s), "dropped", 0) for s in outs))

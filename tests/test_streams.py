@@ -190,7 +190,7 @@ def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
     inlet.open_stream(timeout=5)
     got, lat = [], []
     while runner.is_alive():
-        x, ts = inlet.pull_chunk(timeout=0.2, as_numpy=True)
+        x, ts = inlet.pull_chunk(timeout=0.2, as_numpy=True, min_samples=1)
         if len(ts):
             got.append(x)
             lat.extend(pylsl.local_clock() - ts)

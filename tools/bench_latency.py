@@ -83,7 +83,7 @@ def main(argv=None):
     inlet.open_stream(timeout=10)
     lat, n = [], 0
     while runner.poll() is None:
-        x, ts = inlet.pull_chunk(timeout=0.1, max_samples=4096, as_numpy=True)
+        x, ts = inlet.pull_chunk(timeout=0.1, max_samples=4096, as_numpy=True, min_samples=1)
         if len(ts):
             lat.extend(pylsl.local_clock() - ts)
             n += len(ts)
