@@ -45,6 +45,10 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _recording_arg(p) -> None:
+    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+
+
 # ---------------------------------------------------------------- simulate
 def _add_simulate(sub):
     p = sub.add_parser(
@@ -86,7 +90,7 @@ def _add_detect(sub):
                     "runtime does, and write the events (sample_index, channel, amplitude in uV). With --truth, "
                     "report recall per SNR bin, precision and false positives against ground truth.",
     )
-    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+    _recording_arg(p)
     p.add_argument("--out", type=Path, required=True, help="events file (.npz)")
     p.add_argument("--config", type=Path, help="TOML configuration ([preprocess], [detect], [snippets])")
     p.add_argument("--truth", type=Path, help="truth.npz to score detection against")
@@ -173,7 +177,7 @@ def _add_train(sub):
                     "cluster latent + position features into units, score every unit, and write BUNDLE_DIR "
                     "(manifest.json, encoder.onnx, centroids). Needs the 'train' extra (torch).",
     )
-    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+    _recording_arg(p)
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--config", type=Path, help="TOML configuration (tables preprocess, detect, snippets, train, "
                                                 "cluster)")
@@ -226,7 +230,7 @@ def _add_sort(sub):
                     "and write SPIKES.npz (sample_index, unit (-1 = unassigned), channel, amplitude, "
                     "sampling_rate).",
     )
-    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+    _recording_arg(p)
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory from 'rtsort train'")
     p.add_argument("--out", type=Path, required=True, help="spikes file (.npz)")
     p.add_argument("--chunk-s", type=_positive_float, default=1.0, help="chunk length in seconds")
@@ -353,7 +357,7 @@ def _add_replay(sub):
                     "stream (float32 uV) in chunks, paced against an absolute clock so it never drifts, and "
                     "report the pacing error.",
     )
-    p.add_argument("recording", type=Path, help="X.bin (with X.json) or any recording SpikeInterface reads")
+    _recording_arg(p)
     p.add_argument("--to", required=True, help="zmq:tcp://127.0.0.1:PORT or lsl:NAME")
     p.add_argument("--speed", type=_positive_float, default=1.0, help="multiple of real time")
     p.add_argument("--chunk-ms", type=_positive_float, default=1.0, help="chunk length in ms")
