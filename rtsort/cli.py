@@ -381,6 +381,47 @@ def _cmd_replay(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench", formatter_class=_Formatter,
+        help="measure per-chunk compute, end-to-end latency and throughput",
+        description="Run the real pipeline over a grid of channel counts, chunk sizes and transports. inproc: "
+                    "compute per chunk (total and per stage) and throughput; zmq / lsl: replay at 1x -> rtsort run "
+                    "-> this process, trough-to-event latency. Without --bundle a recording and a small bundle are "
+                    "simulated and trained once per channel count and cached ($RTSORT_CACHE, default "
+                    "~/.cache/rtsort/bench). Run LSL benchmarks inside tools/loopback.sh on a machine without a "
+                    "lab network.",
+    )
+    p.add_argument("--bundle", type=Path, help="benchmark this bundle (its channel count)")
+    p.add_argument("--channels", type=_positive_int, nargs="+", default=[384], help="channel counts")
+    p.add_argument("--sampling-rate", type=_positive_float, default=30000.0, help="Hz")
+    p.add_argument("--chunk-ms", type=_positive_float, nargs="+", default=[1.0], help="chunk lengths in ms")
+    p.add_argument("--transport", nargs="+", default=["inproc"], choices=["inproc", "zmq", "lsl"],
+                   help="transports to measure")
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds of data per configuration")
+    p.add_argument("--json", type=Path, help="write every figure and the machine facts as JSON")
+    p.add_argument("--plot", type=Path, help="write a PNG: latency percentiles and where the time goes")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import markdown, plot, run_bench
+
+    report = run_bench(args.bundle, args.channels, args.sampling_rate, args.chunk_ms, args.transport, args.seconds,
+                       progress=not args.quiet)
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, numba {m['numba']}, onnxruntime "
+          f"{m['onnxruntime']}")
+    print(markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot -> {args.plot}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _add_demo(sub):
     p = sub.add_parser(
@@ -437,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_run(sub)
     _add_replay(sub)
+    _add_bench(sub)
     _add_demo(sub)
     return parser
 

@@ -156,8 +156,10 @@ def _percentiles(values, scale: float = 1.0) -> dict:
     v = np.asarray(values, dtype=np.float64) * scale
     if v.size == 0:
         return {}
-    return {name: float(np.percentile(v, q)) for name, q in
-            (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
+    out = {name: float(np.percentile(v, q)) for name, q in
+           (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
+    out["mean"] = float(v.mean())
+    return out
 
 
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
@@ -183,20 +185,24 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pipe = Pipeline(bundle, 1.0, 0.0, threads)  # compiled and warm before the source starts buffering
     pipe.warmup()
-    src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed,
-                      gain_to_uV=bundle.gain_to_uV, resolve_timeout=resolve_timeout)
-    live = not (isinstance(src, FileSource) and not speed)
-    if isinstance(src, FileSource):
-        bundle.check_recording(src.recording)
-    outs = []
     fs = bundle.sampling_rate
+    outs = [open_sink(s, fs) for s in sinks]  # consumers can connect before the first sample
+    try:
+        src = open_source(source, bundle.n_channels, bundle.sampling_rate, chunk_ms, speed,
+                          gain_to_uV=bundle.gain_to_uV, resolve_timeout=resolve_timeout)
+        if isinstance(src, FileSource):
+            bundle.check_recording(src.recording)
+    except BaseException:
+        for sink in outs:
+            sink.close()
+        raise
+    live = not (isinstance(src, FileSource) and not speed)
     compute, stages, sink_ns, latency, wait = [], [], [], [], []
     counts = {"chunks": 0, "samples": 0, "spikes": 0, "unassigned": 0, "skipped_encoding": 0, "late_chunks": 0,
               "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
     try:
-        outs = [open_sink(s, fs) for s in sinks]
         while stop is None or not stop.is_set():
             chunk = src.read()
             if chunk is None:
@@ -263,6 +269,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     counts["dropped_by_sinks"] = int(sum(getattr(getattr(s, "pub", s), "dropped", 0) for s in outs))
     st = np.array(stages).reshape(-1, len(STAGES)) / 1e6
     stats = {**counts,
+             "compute_s_total": float(np.sum(compute)),
              "compute_ms": _percentiles(compute, 1000.0),
              "stage_ms": {name: _percentiles(st[:, i]) for i, name in enumerate(STAGES)},
              "sink_ms": _percentiles(sink_ns, 1e-6),

@@ -7,7 +7,7 @@ import pytest
 
 from rtsort.cli import main
 
-COMMANDS = ["simulate", "detect", "train", "sort", "eval", "run", "replay", "demo"]
+COMMANDS = ["simulate", "detect", "train", "sort", "eval", "run", "replay", "bench", "demo"]
 
 
 def _run(*args):
@@ -83,3 +83,24 @@ def test_train_command_writes_a_bundle(small_sim, tmp_path):
     res = _run("-q", "train", str(rec.source), "--out", str(tmp_path / "b"), "--config", str(tmp_path / "c.toml"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "b/manifest.json").exists() and "units from" in res.stdout and "flags" in res.stdout
+
+
+def test_bench_tiny_grid_writes_positive_figures(tmp_path, monkeypatch):
+    """rtsort bench on a tiny grid: the JSON has every figure, each a positive number, and the plot is written."""
+    monkeypatch.setenv("RTSORT_CACHE", str(tmp_path / "cache"))
+    assert main(["-q", "bench", "--channels", "8", "--chunk-ms", "1", "5", "--transport", "inproc", "zmq",
+                 "--seconds", "2", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert rep["machine"]["cores"] >= 1 and rep["machine"]["onnxruntime"]
+    rows = rep["results"]
+    assert [(r["chunk_ms"], r["transport"]) for r in rows] == [(1.0, "inproc"), (1.0, "zmq"), (5.0, "inproc"),
+                                                                (5.0, "zmq")]
+    for r in rows:
+        assert all(v > 0 for v in r["compute_ms"].values())
+        if r["transport"] == "inproc":
+            assert r["x_real_time"] > 0 and r["spikes_per_s"] > 0
+            assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign"}
+        else:
+            assert r["events_received"] > 0 and all(v > 0 for v in r["trough_to_event_ms"].values())
+            assert r["gaps"] == 0
+    assert (tmp_path / "b.png").stat().st_size > 10000

@@ -81,6 +81,7 @@ def main(argv=None):
     info = pylsl.resolve_byprop("name", markers, timeout=60)
     inlet = pylsl.StreamInlet(info[0], processing_flags=pylsl.proc_clocksync)
     inlet.open_stream(timeout=10)
+    inlet.time_correction(timeout=10)
     lat, n = [], 0
     while runner.poll() is None:
         x, ts = inlet.pull_chunk(timeout=0.1, max_samples=4096, as_numpy=True, min_samples=1)

@@ -53,6 +53,9 @@ class LslSource:
         self.gain_to_uV = 1.0 if np.dtype(self.dtype).kind == "f" else float(gain_to_uV)
         self.inlet = pylsl.StreamInlet(info, max_buflen=60, recover=True, processing_flags=pylsl.proc_clocksync)
         self.inlet.open_stream(timeout=resolve_timeout)
+        # the first clock-sync estimate takes up to a second: get it now, not on the first pull (the samples of
+        # that second would all leave late)
+        self.inlet.time_correction(timeout=resolve_timeout)
         self.timeout_s = timeout_s
         self.max_chunk = int(max_chunk or max(1, round(0.05 * fs)))
         self._buf = np.empty((self.max_chunk, c), dtype=self.dtype)
