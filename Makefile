@@ -6,4 +6,4 @@ test:
 demo:
 	.venv/bin/rtsort demo
 bench:
-	.venv/bin/python tools/bench_detect.py
+	bash tools/loopback.sh .venv/bin/rtsort bench

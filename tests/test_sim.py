@@ -14,7 +14,7 @@ def _digest(path):
 
 def test_same_seed_same_bytes(tmp_path):
     a = simulate(tmp_path / "a", 8, 3, 2.0, seed=5, progress=False)
-    b = simulate(tmp_path / "b", 8, 3, 2.0, seed=5, progress=False)
+    simulate(tmp_path / "b", 8, 3, 2.0, seed=5, progress=False)
     c = simulate(tmp_path / "c", 8, 3, 2.0, seed=6, progress=False)
     assert _digest(tmp_path / "a/recording.bin") == _digest(tmp_path / "b/recording.bin")
     assert _digest(tmp_path / "a/truth.npz") == _digest(tmp_path / "b/truth.npz")

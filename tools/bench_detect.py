@@ -22,7 +22,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -97,19 +96,11 @@ def bench_spikeinterface(rec):
 
 
 def machine_facts():
-    import numba
     import scipy
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    facts = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-             "numpy": np.__version__, "numba": numba.__version__, "scipy": scipy.__version__}
+    from rtsort.bench import machine_facts as runtime_facts
+
+    facts = {**runtime_facts(), "scipy": scipy.__version__}
     try:
         import spikeinterface
 
