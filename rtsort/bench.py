@@ -187,9 +187,101 @@ def in_process(recording: Path, bundle: Path, chunk_ms: float, seconds: float) -
             "wall_s": wall, "late_chunks": st["late_chunks"], "dropped": 0}
 
 
+def detect_spikeinterface(raw, recording) -> dict:
+    """SpikeInterface's bandpass + median reference + detect_peaks(locally_exclusive), n_jobs=1, in memory."""
+    import spikeinterface.preprocessing as spre
+    from spikeinterface.core import NumpyRecording, get_noise_levels
+    from spikeinterface.sortingcomponents.peak_detection import detect_peaks
+
+    uV = raw.astype("float32") * np.asarray(recording.gains_to_uV, "float32") + \
+        np.asarray(recording.offsets_to_uV, "float32")
+    mem = NumpyRecording([uV], recording.sampling_rate)
+    mem.set_dummy_probe_from_locations(recording.probe.positions_um)
+    pp = spre.common_reference(spre.bandpass_filter(mem, freq_min=300.0, freq_max=6000.0),
+                               reference="global", operator="median")
+    noise = get_noise_levels(pp, return_in_uV=False, seed=0)
+    t0 = time.perf_counter()
+    peaks = detect_peaks(pp, method="locally_exclusive", method_kwargs=dict(noise_levels=noise),
+                         job_kwargs=dict(n_jobs=1, chunk_duration="1s", progress_bar=False))
+    dt = time.perf_counter() - t0
+    return {"wall_s": dt, "x_real_time": raw.shape[0] / recording.sampling_rate / dt, "n_events": int(peaks.size)}
+
+
+def detect_rtsort(raw, recording, chunk_s: float = 1.0) -> dict:
+    """rtsort's preprocessing + detector over the same samples, streamed in ``chunk_s`` chunks, one thread."""
+    from .config import Config
+    from .frontend import FrontEnd
+
+    fe = FrontEnd.for_recording(Config(), recording, snippets=False)
+    fe.calibrate(recording)
+    fe.warmup()
+    step = max(1, int(chunk_s * recording.sampling_rate))
+    n = 0
+    t0 = time.perf_counter()
+    for s in range(0, raw.shape[0], step):
+        n += fe.process(raw[s:s + step]).events.size
+    dt = time.perf_counter() - t0
+    return {"wall_s": dt, "x_real_time": raw.shape[0] / recording.sampling_rate / dt, "n_events": int(n)}
+
+
+def compare_detection(recording_path: Path, seconds: float) -> dict:
+    """The detection stage against SpikeInterface's detect_peaks on the same samples, in the same run."""
+    from .io import open_recording
+
+    rec = open_recording(recording_path)
+    raw = np.asarray(rec.get_traces(0, int(seconds * rec.sampling_rate)))
+    out = {"rtsort": detect_rtsort(raw, rec)}
+    try:
+        out["spikeinterface_locally_exclusive"] = detect_spikeinterface(raw, rec)
+        out["speedup"] = out["rtsort"]["x_real_time"] / out["spikeinterface_locally_exclusive"]["x_real_time"]
+    except ImportError:
+        out["spikeinterface_locally_exclusive"] = None  # the interop extra is not installed
+    return out
+
+
+def compare_encoder(bundle: Path, batch: int = 32, repeat: int = 200) -> dict:
+    """onnxruntime on the bundle's encoder against the same architecture in torch (one thread each)."""
+    from .bundle import load_bundle
+    from .features import Encoder
+
+    b = load_bundle(bundle)
+    enc = Encoder(b.encoder_path, threads=1)
+    t, k = enc.input_shape
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, t, k)).astype(np.float32)
+    p = rng.normal(size=(batch, k, 2)).astype(np.float32) * 20
+
+    def per_spike(fn) -> float:
+        for _ in range(20):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - t0) / repeat / batch * 1e6
+
+    out = {"batch": batch, "onnxruntime_us_per_spike": per_spike(lambda: enc(x, p))}
+    try:
+        import torch
+
+        from .train.model import SpikeEncoder
+    except ImportError:
+        out["torch_us_per_spike"] = None  # the train extra is not installed
+        return out
+    tc = b.config.train
+    model = SpikeEncoder(t, k, tc.latent_dim, tc.d_model, tc.n_layers, tc.n_heads).eval()  # same cost as trained
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    xt, pt = torch.from_numpy(x), torch.from_numpy(p)
+    with torch.no_grad():
+        out["torch_us_per_spike"] = per_spike(lambda: model(xt, pt))
+    torch.set_num_threads(threads)
+    out["speedup"] = out["torch_us_per_spike"] / out["onnxruntime_us_per_spike"]
+    return out
+
+
 def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float = 30000.0, chunk_ms=(1.0,),
-              transports=("inproc",), seconds: float = 10.0, progress: bool = True) -> dict:
-    results = []
+              transports=("inproc",), seconds: float = 10.0, progress: bool = True, compare: bool = True) -> dict:
+    results, comparisons = [], []
     for c in channels:
         if bundle is None:
             rec, b = bench_data(c, sampling_rate, seconds, progress)
@@ -204,7 +296,11 @@ def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float 
                 row = {"channels": c, "sampling_rate": sampling_rate, "chunk_ms": ms, "transport": tr}
                 row.update(in_process(rec, b, ms, seconds) if tr == "inproc" else end_to_end(rec, b, tr, ms, seconds))
                 results.append(row)
-    return {"machine": machine_facts(), "seconds": seconds, "results": results}
+        if compare:
+            log.info("bench: comparisons at %d channels", c)
+            comparisons.append({"channels": c, "detection": compare_detection(rec, min(seconds, 10.0)),
+                                "encoder": compare_encoder(b)})
+    return {"machine": machine_facts(), "seconds": seconds, "results": results, "comparisons": comparisons}
 
 
 def markdown(report: dict) -> str:
@@ -218,6 +314,21 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['channels']} | {r['chunk_ms']:g} ms | {r['transport']} | {f(c, 'p50')} | {f(c, 'p99')} | "
                      f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} |")
     return "\n".join(lines)
+
+
+def comparison_lines(report: dict) -> list:
+    lines = []
+    for c in report.get("comparisons", []):
+        d, e = c["detection"], c["encoder"]
+        si = d.get("spikeinterface_locally_exclusive")
+        det = f"detection stage {d['rtsort']['x_real_time']:.1f}x real time"
+        det += (f" vs SpikeInterface detect_peaks {si['x_real_time']:.1f}x (speedup {d['speedup']:.1f})" if si
+                else " (SpikeInterface not installed)")
+        enc = f"encoder {e['onnxruntime_us_per_spike']:.1f} us/spike in onnxruntime at batch {e['batch']}"
+        enc += (f" vs {e['torch_us_per_spike']:.1f} in torch (speedup {e['speedup']:.1f})"
+                if e.get("torch_us_per_spike") else " (torch not installed)")
+        lines.append(f"{c['channels']} ch, same run: {det}; {enc}")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

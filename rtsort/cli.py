@@ -402,18 +402,22 @@ def _add_bench(sub):
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds of data per configuration")
     p.add_argument("--json", type=Path, help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: latency percentiles and where the time goes")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the same-run comparisons (detection vs SpikeInterface, onnxruntime vs torch)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
-    from .bench import markdown, plot, run_bench
+    from .bench import comparison_lines, markdown, plot, run_bench
 
     report = run_bench(args.bundle, args.channels, args.sampling_rate, args.chunk_ms, args.transport, args.seconds,
-                       progress=not args.quiet)
+                       progress=not args.quiet, compare=not args.no_compare)
     m = report["machine"]
     print(f"{m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, numba {m['numba']}, onnxruntime "
           f"{m['onnxruntime']}")
     print(markdown(report))
+    for line in comparison_lines(report):
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:

@@ -104,3 +104,7 @@ def test_bench_tiny_grid_writes_positive_figures(tmp_path, monkeypatch):
             assert r["events_received"] > 0 and all(v > 0 for v in r["trough_to_event_ms"].values())
             assert r["gaps"] == 0
     assert (tmp_path / "b.png").stat().st_size > 10000
+    (cmp,) = rep["comparisons"]  # same-run comparisons: detection vs SpikeInterface, onnxruntime vs torch
+    assert cmp["detection"]["rtsort"]["x_real_time"] > 0 and cmp["detection"]["speedup"] > 0
+    assert cmp["detection"]["spikeinterface_locally_exclusive"]["n_events"] > 0
+    assert cmp["encoder"]["onnxruntime_us_per_spike"] > 0 and cmp["encoder"]["torch_us_per_spike"] > 0
