@@ -279,8 +279,33 @@ def compare_encoder(bundle: Path, batch: int = 32, repeat: int = 200) -> dict:
     return out
 
 
+def headroom(channels_from: int, channels_max: int, sampling_rate: float, chunk_ms: float, seconds: float,
+             progress: bool = True) -> dict:
+    """The largest channel count (doubling from ``channels_from``) that stays real time at this chunk size.
+
+    Real time here means both: throughput above 1x, and the p99 compute per
+    chunk below the chunk's duration (a chunk must be done before the next).
+    """
+    tried = []
+    best = None
+    c = int(channels_from)
+    while c <= channels_max:
+        rec, b = bench_data(c, sampling_rate, seconds, progress)
+        r = in_process(rec, b, chunk_ms, seconds)
+        ok = r["x_real_time"] >= 1.0 and r["compute_ms"]["p99"] < chunk_ms
+        tried.append({"channels": c, "x_real_time": r["x_real_time"], "compute_p99_ms": r["compute_ms"]["p99"],
+                      "real_time": ok})
+        if not ok:
+            break
+        best = c
+        c *= 2
+    return {"chunk_ms": chunk_ms, "largest_real_time_channels": best, "tried": tried,
+            "criterion": "throughput >= 1x and compute p99 < chunk duration"}
+
+
 def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float = 30000.0, chunk_ms=(1.0,),
-              transports=("inproc",), seconds: float = 10.0, progress: bool = True, compare: bool = True) -> dict:
+              transports=("inproc",), seconds: float = 10.0, progress: bool = True, compare: bool = True,
+              headroom_max: int | None = None) -> dict:
     results, comparisons = [], []
     for c in channels:
         if bundle is None:
@@ -300,7 +325,11 @@ def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float 
             log.info("bench: comparisons at %d channels", c)
             comparisons.append({"channels": c, "detection": compare_detection(rec, min(seconds, 10.0)),
                                 "encoder": compare_encoder(b)})
-    return {"machine": machine_facts(), "seconds": seconds, "results": results, "comparisons": comparisons}
+    report = {"machine": machine_facts(), "seconds": seconds, "results": results, "comparisons": comparisons}
+    if headroom_max:
+        report["headroom"] = [headroom(min(channels), headroom_max, sampling_rate, ms, seconds, progress)
+                              for ms in chunk_ms]
+    return report
 
 
 def markdown(report: dict) -> str:
@@ -328,6 +357,11 @@ def comparison_lines(report: dict) -> list:
         enc += (f" vs {e['torch_us_per_spike']:.1f} in torch (speedup {e['speedup']:.1f})"
                 if e.get("torch_us_per_spike") else " (torch not installed)")
         lines.append(f"{c['channels']} ch, same run: {det}; {enc}")
+    for h in report.get("headroom", []):
+        steps = ", ".join(f"{t['channels']} ch {t['x_real_time']:.1f}x p99 {t['compute_p99_ms']:.2f} ms"
+                          for t in h["tried"])
+        lines.append(f"headroom at {h['chunk_ms']:g} ms chunks: largest real-time channel count "
+                     f"{h['largest_real_time_channels']} ({steps})")
     return lines
 
 

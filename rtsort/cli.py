@@ -402,6 +402,9 @@ def _add_bench(sub):
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds of data per configuration")
     p.add_argument("--json", type=Path, help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: latency percentiles and where the time goes")
+    p.add_argument("--headroom", type=_positive_int, metavar="MAX_CHANNELS",
+                   help="also search, doubling from the smallest --channels up to MAX_CHANNELS, the largest channel "
+                        "count that stays real time (throughput >= 1x and compute p99 < the chunk) per chunk size")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the same-run comparisons (detection vs SpikeInterface, onnxruntime vs torch)")
     p.set_defaults(func=_cmd_bench)
@@ -411,7 +414,7 @@ def _cmd_bench(args) -> int:
     from .bench import comparison_lines, markdown, plot, run_bench
 
     report = run_bench(args.bundle, args.channels, args.sampling_rate, args.chunk_ms, args.transport, args.seconds,
-                       progress=not args.quiet, compare=not args.no_compare)
+                       progress=not args.quiet, compare=not args.no_compare, headroom_max=args.headroom)
     m = report["machine"]
     print(f"{m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, numba {m['numba']}, onnxruntime "
           f"{m['onnxruntime']}")

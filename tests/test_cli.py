@@ -108,3 +108,13 @@ def test_bench_tiny_grid_writes_positive_figures(tmp_path, monkeypatch):
     assert cmp["detection"]["rtsort"]["x_real_time"] > 0 and cmp["detection"]["speedup"] > 0
     assert cmp["detection"]["spikeinterface_locally_exclusive"]["n_events"] > 0
     assert cmp["encoder"]["onnxruntime_us_per_spike"] > 0 and cmp["encoder"]["torch_us_per_spike"] > 0
+
+
+def test_bench_headroom_search(tmp_path, monkeypatch):
+    monkeypatch.setenv("RTSORT_CACHE", str(tmp_path / "cache"))
+    assert main(["-q", "bench", "--channels", "4", "--chunk-ms", "5", "--seconds", "1", "--no-compare",
+                 "--headroom", "8", "--json", str(tmp_path / "b.json")]) == 0
+    (h,) = json.loads((tmp_path / "b.json").read_text())["headroom"]
+    assert [t["channels"] for t in h["tried"]][0] == 4 and h["chunk_ms"] == 5.0
+    assert all(t["x_real_time"] > 0 and t["compute_p99_ms"] > 0 for t in h["tried"])
+    assert h["largest_real_time_channels"] in (None, 4, 8)
