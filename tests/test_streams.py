@@ -170,6 +170,7 @@ def _uid(prefix):
     return f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"
 
 
+@pytest.mark.lsl
 def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
     """Parity over LSL: replay -> run -> marker outlet, received by a separate consumer."""
     import pylsl
@@ -211,6 +212,7 @@ def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
     assert np.median(lat) < 0.5  # seconds; the benchmark measures it properly
 
 
+@pytest.mark.lsl
 def test_lsl_channel_mismatch_and_missing_stream_are_clear_errors(trained):
     import pylsl
 
@@ -227,6 +229,7 @@ def test_lsl_channel_mismatch_and_missing_stream_are_clear_errors(trained):
     assert time.monotonic() - t0 < 15  # liblsl may overrun a short resolve timeout on a busy machine
 
 
+@pytest.mark.lsl
 def test_lsl_stream_that_vanishes_and_returns(small_sim, trained):
     import pylsl
 
