@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import STAGES, run_stream
+from .pipeline import STAGES, percentiles, run_stream
 
 log = logging.getLogger("rtsort.bench")
 
@@ -88,11 +88,13 @@ class _ZmqConsumer:
         from .streams.zmq import decode_spikes
 
         n = 0
-        while runner.poll() is None or self.sub.poll(100):
+        while True:
             if self.sub.poll(100):
                 s = decode_spikes(self.sub.recv_multipart())
                 lat.extend((now() - s["timestamp"]).tolist())
                 n += s.size
+            elif runner.poll() is not None:  # the runner has exited and nothing is left in flight
+                break
         self.sub.close(0)
         return n
 
@@ -154,7 +156,7 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
     lat_ms = np.asarray(lat) * 1000.0
     return {
         "events_received": int(n),
-        "trough_to_event_ms": _pct(lat_ms),
+        "trough_to_event_ms": percentiles(lat_ms),
         "wait_ms": run.get("wait_ms", {}),
         "compute_ms": run.get("compute_ms", {}),
         "samples": run.get("samples", 0),
@@ -165,14 +167,6 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         "dropped": run.get("dropped_by_sinks", 0),
         "replay": out.strip(),
     }
-
-
-def _pct(v) -> dict:
-    v = np.asarray(v, dtype=np.float64)
-    if v.size == 0:
-        return {}
-    return {k: float(np.percentile(v, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9),
-                                                       ("max", 100))}
 
 
 def in_process(recording: Path, bundle: Path, chunk_ms: float, seconds: float) -> dict:
@@ -239,13 +233,12 @@ def compare_detection(recording_path: Path, seconds: float) -> dict:
     return out
 
 
-def compare_encoder(bundle: Path, batch: int = 32, repeat: int = 200) -> dict:
-    """onnxruntime on the bundle's encoder against the same architecture in torch (one thread each)."""
-    from .bundle import load_bundle
+def encoder_costs(encoder_path: Path, train_cfg=None, batch: int = 32, repeat: int = 200) -> dict:
+    """us per spike of an ONNX encoder in onnxruntime and, given its [train] shape and torch, of the same
+    architecture in torch (untrained: the cost does not depend on the weights), one thread each."""
     from .features import Encoder
 
-    b = load_bundle(bundle)
-    enc = Encoder(b.encoder_path, threads=1)
+    enc = Encoder(encoder_path, threads=1)
     t, k = enc.input_shape
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, t, k)).astype(np.float32)
@@ -259,16 +252,16 @@ def compare_encoder(bundle: Path, batch: int = 32, repeat: int = 200) -> dict:
             fn()
         return (time.perf_counter() - t0) / repeat / batch * 1e6
 
-    out = {"batch": batch, "onnxruntime_us_per_spike": per_spike(lambda: enc(x, p))}
+    out = {"batch": batch, "onnxruntime_us_per_spike": per_spike(lambda: enc(x, p)), "torch_us_per_spike": None}
     try:
         import torch
 
         from .train.model import SpikeEncoder
-    except ImportError:
-        out["torch_us_per_spike"] = None  # the train extra is not installed
+    except ImportError:  # the train extra is not installed
         return out
-    tc = b.config.train
-    model = SpikeEncoder(t, k, tc.latent_dim, tc.d_model, tc.n_layers, tc.n_heads).eval()  # same cost as trained
+    if train_cfg is None:
+        return out
+    model = SpikeEncoder(t, k, train_cfg.latent_dim, train_cfg.d_model, train_cfg.n_layers, train_cfg.n_heads).eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     xt, pt = torch.from_numpy(x), torch.from_numpy(p)
@@ -277,6 +270,14 @@ def compare_encoder(bundle: Path, batch: int = 32, repeat: int = 200) -> dict:
     torch.set_num_threads(threads)
     out["speedup"] = out["torch_us_per_spike"] / out["onnxruntime_us_per_spike"]
     return out
+
+
+def compare_encoder(bundle: Path, batch: int = 32) -> dict:
+    """onnxruntime on the bundle's encoder against the same architecture in torch."""
+    from .bundle import load_bundle
+
+    b = load_bundle(bundle)
+    return encoder_costs(b.encoder_path, b.config.train, batch)
 
 
 def headroom(channels_from: int, channels_max: int, sampling_rate: float, chunk_ms: float, seconds: float,

@@ -25,6 +25,8 @@ from .types import SPIKE_DTYPE
 log = logging.getLogger("rtsort.pipeline")
 
 STAGES = ("preprocess", "detect", "snippets", "encode", "assign")
+_NO_SPIKES = np.zeros(0, dtype=SPIKE_DTYPE)
+_NO_SPIKES.flags.writeable = False  # shared by every chunk without spikes
 
 
 def labelled(events: np.ndarray, unit: np.ndarray, distance: np.ndarray) -> np.ndarray:
@@ -76,14 +78,6 @@ class Pipeline:
         self.n_skipped = 0  # detected but not encoded (overload)
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
-    @property
-    def sampling_rate(self) -> float:
-        return self.bundle.sampling_rate
-
-    @property
-    def n_channels(self) -> int:
-        return self.bundle.n_channels
-
     def warmup(self) -> None:
         """Compile the kernels and run the encoder once, so the first chunk is not slow."""
         self.front.warmup()
@@ -115,7 +109,7 @@ class Pipeline:
         st[2] = t2 - t1 - st[1]
         st[3] = st[4] = 0
         if ev.size == 0:
-            return np.zeros(0, dtype=SPIKE_DTYPE)
+            return _NO_SPIKES
         self.n_spikes += ev.size
         if not encode:
             self.n_skipped += ev.size
@@ -152,7 +146,8 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
     return spikes, dt
 
 
-def _percentiles(values, scale: float = 1.0) -> dict:
+def percentiles(values, scale: float = 1.0) -> dict:
+    """p50 / p90 / p99 / p99.9 / max and mean of ``values`` x ``scale`` ({} when empty)."""
     v = np.asarray(values, dtype=np.float64) * scale
     if v.size == 0:
         return {}
@@ -198,8 +193,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         raise
     live = not (isinstance(src, FileSource) and not speed)
     compute, stages, sink_ns, latency, wait = [], [], [], [], []
-    counts = {"chunks": 0, "samples": 0, "spikes": 0, "unassigned": 0, "skipped_encoding": 0, "late_chunks": 0,
-              "gaps": 0, "gap_samples": 0}
+    counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
     try:
@@ -219,10 +213,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 if gains is None:  # a stream says it, or floats are uV and integers use the training gain
                     gains = getattr(src, "gain_to_uV", None) or (
                         bundle.gain_to_uV if chunk.samples.dtype.kind in "iu" else 1.0)
-                pre = pipe.front.preprocessor
-                pre.gain[:] = np.broadcast_to(np.asarray(gains, np.float32), pre.gain.shape)
-                pre.offset[:] = np.broadcast_to(np.asarray(getattr(src, "offsets_to_uV", 0.0), np.float32),
-                                                pre.offset.shape)
+                pipe.front.preprocessor.set_scaling(gains, getattr(src, "offsets_to_uV", 0.0))
                 pipe.reset(chunk.first_sample)
                 expected = chunk.first_sample
             t0 = time.perf_counter()
@@ -253,8 +244,6 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             stages.append(pipe.stage_ns.copy())
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
-            counts["spikes"] += spikes.size
-            counts["unassigned"] += int(np.count_nonzero(spikes["unit"] < 0))
             if duration is not None and counts["samples"] >= duration * fs:
                 break
     except KeyboardInterrupt:
@@ -263,18 +252,18 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         for sink in outs:
             sink.close()
         src.close()
-    counts["skipped_encoding"] = pipe.n_skipped
+    counts.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped)
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
-    counts["dropped_by_sinks"] = int(sum(getattr(getattr(s, "pub", s), "dropped", 0) for s in outs))
+    counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
     st = np.array(stages).reshape(-1, len(STAGES)) / 1e6
     stats = {**counts,
              "compute_s_total": float(np.sum(compute)),
-             "compute_ms": _percentiles(compute, 1000.0),
-             "stage_ms": {name: _percentiles(st[:, i]) for i, name in enumerate(STAGES)},
-             "sink_ms": _percentiles(sink_ns, 1e-6),
-             "wait_ms": _percentiles(wait, 1000.0),
-             "trough_to_emit_ms": _percentiles([x for x in latency if np.isfinite(x)], 1000.0)}
+             "compute_ms": percentiles(compute, 1000.0),
+             "stage_ms": {name: percentiles(st[:, i]) for i, name in enumerate(STAGES)},
+             "sink_ms": percentiles(sink_ns, 1e-6),
+             "wait_ms": percentiles(wait, 1000.0),
+             "trough_to_emit_ms": percentiles([x for x in latency if np.isfinite(x)], 1000.0)}
     log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
              "p99 %.3f ms", counts["chunks"], counts["spikes"], counts["unassigned"], counts["skipped_encoding"],
              counts["gaps"], stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))

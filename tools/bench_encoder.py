@@ -1,9 +1,9 @@
-"""Encoder cost per spike in onnxruntime (one thread), against the same encoder in torch.
+"""Encoder cost per spike in onnxruntime (one thread), against the same architecture in torch.
 
-    python tools/bench_encoder.py [--bundle B] [--batch 32] [--json FILE]
+    python tools/bench_encoder.py [--bundle B] [--batch 1 32 256] [--json FILE]
 
-Without --bundle an untrained encoder with the default [train] shape is timed
-(the cost does not depend on the weights).
+Without --bundle an untrained encoder with the default [train] shape is exported
+and timed (the cost does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -12,22 +12,9 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def time_call(fn, repeat: int) -> float:
-    for _ in range(20):
-        fn()
-    best = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        best.append((time.perf_counter() - t0) / repeat)
-    return float(np.median(best))
 
 
 def main(argv=None) -> int:
@@ -38,49 +25,36 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
+    from rtsort.bench import encoder_costs
+    from rtsort.bundle import load_bundle
     from rtsort.config import Config
-    from rtsort.features import Encoder
 
-    cfg = Config()
-    t, k = 48, cfg.snippets.n_channels
-    torch_enc = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle:
-            path = args.bundle / "encoder.onnx"
+            b = load_bundle(args.bundle)
+            path, train_cfg = b.encoder_path, b.config.train
         else:
             import torch
 
             from rtsort.train.export import export_encoder
             from rtsort.train.model import SpikeEncoder
 
+            cfg = Config()
+            train_cfg, k = cfg.train, cfg.snippets.n_channels
             torch.manual_seed(0)
-            tc = cfg.train
-            torch_enc = SpikeEncoder(t, k, tc.latent_dim, tc.d_model, tc.n_layers, tc.n_heads).eval()
+            model = SpikeEncoder(48, k, train_cfg.latent_dim, train_cfg.d_model, train_cfg.n_layers,
+                                 train_cfg.n_heads).eval()
             path = Path(tmp) / "e.onnx"
-            ex = np.random.default_rng(0).normal(size=(64, t, k)).astype(np.float32)
-            export_encoder(torch_enc, path, ex, np.zeros((64, k, 2), np.float32))
-        enc = Encoder(path, threads=1)
-        t, k = enc.input_shape
-        rows = []
-        for b in args.batch:
-            x = np.random.default_rng(1).normal(size=(b, t, k)).astype(np.float32)
-            p = np.random.default_rng(2).normal(size=(b, k, 2)).astype(np.float32) * 20
-            ort_s = time_call(lambda: enc(x, p), args.repeat)
-            row = {"batch": b, "onnxruntime_us_per_spike": ort_s / b * 1e6, "onnxruntime_us_per_call": ort_s * 1e6}
-            if torch_enc is not None:
-                import torch
-
-                torch.set_num_threads(1)
-                xt, pt = torch.from_numpy(x), torch.from_numpy(p)
-                with torch.no_grad():
-                    th_s = time_call(lambda: torch_enc(xt, pt), args.repeat // 2)
-                row["torch_us_per_spike"] = th_s / b * 1e6
-            rows.append(row)
-            extra = f"   torch {row['torch_us_per_spike']:7.1f} us/spike" if "torch_us_per_spike" in row else ""
-            print(f"batch {b:>4d}: onnxruntime {row['onnxruntime_us_per_spike']:7.1f} us/spike "
-                  f"({row['onnxruntime_us_per_call']:.0f} us/call){extra}")
+            export_encoder(model, path, np.random.default_rng(0).normal(size=(64, 48, k)).astype(np.float32),
+                           np.zeros((64, k, 2), np.float32))
+        rows = [encoder_costs(path, train_cfg, b, max(5, args.repeat * 32 // max(b, 32))) for b in args.batch]
+    for row in rows:
+        th = row["torch_us_per_spike"]
+        extra = f"   torch {th:7.1f} us/spike" if th else ""
+        print(f"batch {row['batch']:>4d}: onnxruntime {row['onnxruntime_us_per_spike']:7.1f} us/spike "
+              f"({row['onnxruntime_us_per_spike'] * row['batch']:.0f} us/call){extra}")
     if args.json:
-        args.json.write_text(json.dumps({"input": [t, k], "rows": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return 0
 
 

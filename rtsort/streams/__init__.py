@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 
 import numpy as np
 
 from ..errors import StreamFormatError
 from ..types import Chunk
+from .replay import now, wait_until
 
 
 class FileSource:
@@ -23,21 +26,18 @@ class FileSource:
         self.gains_to_uV, self.offsets_to_uV = recording.gains_to_uV, recording.offsets_to_uV
 
     def read(self) -> Chunk | None:
-        from .replay import now, wait_until
-
         c = next(self._it, None)
         if c is None:
             return None
         if self._t0 is None:
             self._t0 = now()
-        c.timestamp = self._t0 + c.first_sample / self.recording.sampling_rate / (self.speed or np.inf)
-        if self.speed:
-            wait_until(self._t0 + (c.first_sample + c.n_samples) / self.recording.sampling_rate / self.speed)
+        if self.speed:  # paced: sample i was "taken" at t0 + i / (fs * speed)
+            rate = self.recording.sampling_rate * self.speed
+            c.timestamp = self._t0 + c.first_sample / rate
+            wait_until(self._t0 + (c.first_sample + c.n_samples) / rate)
+        else:  # as fast as possible: no acquisition time to speak of
+            c.timestamp = None
         return c
-
-    @property
-    def exhausted(self) -> bool:
-        return False
 
     def close(self) -> None:
         pass
@@ -60,23 +60,30 @@ def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float
     raise StreamFormatError(f"{uri}: unknown source; use file:PATH, zmq:tcp://HOST:PORT or lsl:NAME")
 
 
+# the wire format's four fields first, then more
+WIRE_SPIKE_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"), ("timestamp", "<f8"),
+                             ("amplitude", "<f4")])
+
+
 class ZmqSpikeSink:
     """Publish labelled spikes (wire format 'spikes', with the trough's time on the source clock)."""
 
     def __init__(self, uri: str):
-        from .zmq import ZmqPublisher
+        from .zmq import ZmqPublisher, spikes_message
 
         self.pub = ZmqPublisher(uri)
+        self._message = spikes_message
+
+    @property
+    def dropped(self) -> int:
+        return self.pub.dropped
 
     def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
-        from .zmq import spikes_message
-
-        out = np.empty(spikes.size, [("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"),
-                                     ("timestamp", "<f8"), ("amplitude", "<f4")])
+        out = np.empty(spikes.size, WIRE_SPIKE_DTYPE)
         for name in ("sample_index", "unit", "channel", "amplitude"):
             out[name] = spikes[name]
         out["timestamp"] = timestamps
-        self.pub.send(spikes_message(out))
+        self.pub.send(self._message(out))
 
     def close(self) -> None:
         self.pub.close()
@@ -86,9 +93,6 @@ class CallbackSink:
     """Calls ``fn(spikes, timestamps)`` on its own thread; a slow callback loses batches (counted), never time."""
 
     def __init__(self, fn, max_batches: int = 1000):
-        import queue
-        import threading
-
         self.fn = fn
         self.dropped = 0
         self._q = queue.Queue(maxsize=max_batches)
@@ -106,8 +110,6 @@ class CallbackSink:
                 logging.getLogger("rtsort.streams").exception("spike callback raised; continuing")
 
     def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
-        import queue
-
         try:
             self._q.put_nowait((spikes, timestamps))
         except queue.Full:

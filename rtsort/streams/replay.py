@@ -13,13 +13,10 @@ from .zmq import ZmqPublisher, samples_message
 log = logging.getLogger("rtsort.streams.replay")
 
 
-def now() -> float:
-    """The stream clock: ``pylsl.local_clock()`` (CLOCK_MONOTONIC on Linux), or time.monotonic without pylsl."""
-    try:
-        from pylsl import local_clock
-    except ImportError:  # pragma: no cover
-        return time.monotonic()
-    return local_clock()
+try:  # the stream clock: pylsl.local_clock() (CLOCK_MONOTONIC on Linux), or time.monotonic without pylsl
+    from pylsl import local_clock as now
+except ImportError:  # pragma: no cover
+    now = time.monotonic
 
 
 def wait_until(t: float) -> None:

@@ -117,7 +117,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
         C = recording.n_channels
         tm_uv = templates_on_probe(waveforms, channels, snip.channel_index, clu.labels, n_units, C)[0]
-        tm_noise = templates_on_probe(xn, channels, snip.channel_index, clu.labels, n_units, C)[0]
+        tm_noise = tm_uv / noise[1][None, :, None]  # normalisation is per channel: the same mean, in noise units
         snr = np.abs(tm_noise).max(axis=(1, 2)) if n_units else np.zeros(0)
         units = unit_metrics(clu.labels, events["sample_index"], events["amplitude"], features, snr, n_units,
                              recording.sampling_rate, recording.duration_s, seed)
