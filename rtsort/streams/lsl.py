@@ -52,10 +52,10 @@ class LslSource:
         self.sampling_rate = float(fs)
         self.gain_to_uV = 1.0 if np.dtype(self.dtype).kind == "f" else float(gain_to_uV)
         self.inlet = pylsl.StreamInlet(info, max_buflen=60, recover=True, processing_flags=pylsl.proc_clocksync)
-        self.inlet.open_stream(timeout=resolve_timeout)
-        # the first clock-sync estimate takes up to a second: get it now, not on the first pull (the samples of
-        # that second would all leave late)
+        # the first clock-sync estimate takes up to a second: get it before the stream opens, not on the first
+        # pull (the samples of that second would queue up and leave late)
         self.inlet.time_correction(timeout=resolve_timeout)
+        self.inlet.open_stream(timeout=resolve_timeout)
         self.timeout_s = timeout_s
         self.max_chunk = int(max_chunk or max(1, round(0.05 * fs)))
         self._buf = np.empty((self.max_chunk, c), dtype=self.dtype)
@@ -127,6 +127,9 @@ class LslSamplesOutlet:
                                 f"rtsort-replay-{name}")
         self.outlet = pylsl.StreamOutlet(info, chunk_size=chunk)
         self.dropped = 0
+
+    def wait_for_consumers(self, timeout: float) -> bool:
+        return self.outlet.wait_for_consumers(timeout)
 
     def send(self, samples_uV: np.ndarray, last_timestamp: float) -> None:
         self.outlet.push_chunk(np.ascontiguousarray(samples_uV, dtype=np.float32), last_timestamp)

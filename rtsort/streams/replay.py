@@ -55,7 +55,8 @@ def _sender(recording, to: str, chunk: int):
 
 
 def replay(recording, to: str, speed: float = 1.0, chunk_ms: float = 1.0, loop: bool = False,
-           duration: float | None = None, start_delay_s: float = 0.5, stop=None) -> dict:
+           duration: float | None = None, start_delay_s: float = 0.5, stop=None,
+           consumer_timeout_s: float = 10.0) -> dict:
     """Send ``recording`` to ``to`` (``zmq:ADDRESS`` or ``lsl:NAME``) in chunks, ``speed`` x real time.
 
     Chunk k leaves when its last sample would have been acquired: at
@@ -67,6 +68,8 @@ def replay(recording, to: str, speed: float = 1.0, chunk_ms: float = 1.0, loop: 
     fs = recording.sampling_rate
     chunk = max(1, int(round(chunk_ms * fs / 1000.0)))
     send, transport = _sender(recording, to, chunk)
+    if hasattr(transport, "wait_for_consumers"):  # LSL knows when an inlet has opened the stream
+        transport.wait_for_consumers(consumer_timeout_s)
     time.sleep(start_delay_s)  # let subscribers join before the first sample (ZeroMQ's slow joiner)
     total = recording.n_samples * (10**9 if loop else 1) if duration is None else int(duration * fs)
     errors = []
