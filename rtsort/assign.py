@@ -8,9 +8,28 @@ centroid's radius is "unassigned" (-1), never guessed.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .errors import BundleError
+
+
+@numba.njit(cache=True, nogil=True)
+def _nearest(features, centroids, centroid_unit, radius, unit, dist):
+    k, f_dim = features.shape
+    for i in range(k):
+        best = np.inf
+        arg = 0
+        for j in range(centroids.shape[0]):
+            d = 0.0
+            for f in range(f_dim):
+                e = features[i, f] - centroids[j, f]
+                d += e * e
+            if d < best:
+                best = d
+                arg = j
+        dist[i] = np.sqrt(best)
+        unit[i] = centroid_unit[arg] if dist[i] <= radius[arg] else -1
 
 
 class Assigner:
@@ -35,7 +54,6 @@ class Assigner:
                 f"centroids {self.centroids.shape}, centroid units {self.centroid_unit.shape} and radii "
                 f"{self.radius.shape} do not agree"
             )
-        self._sq = (self.centroids.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
 
     @property
     def n_features(self) -> int:
@@ -46,9 +64,8 @@ class Assigner:
         k = features.shape[0]
         if k == 0 or self.centroids.shape[0] == 0:
             return np.full(k, -1, np.int32), np.full(k, np.inf, np.float32)
-        f = np.ascontiguousarray(features, dtype=np.float32)
-        d2 = (f * f).sum(axis=1)[:, None] - 2.0 * (f @ self.centroids.T) + self._sq[None, :]
-        nearest = d2.argmin(axis=1)
-        dist = np.sqrt(np.maximum(d2[np.arange(k), nearest], 0.0))
-        unit = np.where(dist <= self.radius[nearest], self.centroid_unit[nearest], -1).astype(np.int32)
-        return unit, dist.astype(np.float32)
+        unit = np.empty(k, np.int32)
+        dist = np.empty(k, np.float32)
+        _nearest(np.ascontiguousarray(features, dtype=np.float32), self.centroids, self.centroid_unit, self.radius,
+                 unit, dist)
+        return unit, dist

@@ -62,15 +62,17 @@ def bench_data(n_channels: int, sampling_rate: float, seconds: float, progress: 
     folder = cache_dir() / f"{n_channels}ch_{sampling_rate:g}Hz"
     rec_path, bundle = folder / "recording.bin", folder / "bundle"
     duration = max(30.0, seconds)
+    cfg = Config.from_dict({"train": {"epochs": 5, "max_snippets": 4000}})
     ok = (bundle / "manifest.json").exists() and rec_path.exists() and \
         rec_path.stat().st_size >= int(duration * sampling_rate) * n_channels * 2
+    if ok:  # a bundle cached by another version (other defaults, another schema) is rebuilt
+        ok = json.loads((bundle / "manifest.json").read_text()).get("config") == cfg.to_dict()
     if not ok:
         from .train import train_bundle
 
         log.info("building a %d-channel benchmark recording and bundle in %s (cached)", n_channels, folder)
         rec = simulate(folder, n_channels, max(2, n_channels // 4), duration, seed=11, sampling_rate=sampling_rate,
                        progress=progress)
-        cfg = Config.from_dict({"train": {"epochs": 5, "max_snippets": 4000}})
         train_bundle(rec, bundle, cfg, seed=0, progress=progress)
     return rec_path, bundle
 
@@ -157,7 +159,9 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
     return {
         "events_received": int(n),
         "trough_to_event_ms": percentiles(lat_ms),
-        "wait_ms": run.get("wait_ms", {}),
+        "wait_ms": run.get("wait_ms", {}),  # trough -> end of the chunk that completed its snippet
+        "arrival_ms": run.get("arrival_ms", {}),  # a chunk's last sample taken -> chunk read by rtsort
+        "emitted_ms": run.get("trough_to_emit_ms", {}),  # trough -> sent by rtsort (wait, transport in, compute)
         "compute_ms": run.get("compute_ms", {}),
         "samples": run.get("samples", 0),
         "gaps": run.get("gaps", 0),
@@ -334,15 +338,18 @@ def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float 
 
 
 def markdown(report: dict) -> str:
-    lines = ["| channels | chunk | transport | compute p50 | p99 | p99.9 | max | x real time | trough->event p50 | p99 |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| channels | chunk | transport | compute p50 | p99 | p99.9 | max | x real time | "
+             "trough->event p50 | p99 | of which wait p50 | sent p50 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         c = r.get("compute_ms", {})
         e = r.get("trough_to_event_ms", {})
+        w, s = (r.get("wait_ms", {}), r.get("emitted_ms", {})) if e else ({}, {})
         f = lambda d, k: f"{d[k]:.3f} ms" if k in d else "-"  # noqa: E731
         x = f"{r['x_real_time']:.1f}" if "x_real_time" in r else "-"
         lines.append(f"| {r['channels']} | {r['chunk_ms']:g} ms | {r['transport']} | {f(c, 'p50')} | {f(c, 'p99')} | "
-                     f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} |")
+                     f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} | {f(w, 'p50')} | "
+                     f"{f(s, 'p50')} |")
     return "\n".join(lines)
 
 

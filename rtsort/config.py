@@ -98,7 +98,7 @@ class SnippetConfig:
     """Waveform snippets cut around each trough over the nearest channels."""
 
     ms_before: float = 0.6
-    ms_after: float = 1.0
+    ms_after: float = 0.7  # the post-trough wait: README, "latency against the snippet window"
     n_channels: int = 8
 
     def __post_init__(self):

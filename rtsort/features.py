@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from .errors import BundleError
@@ -34,18 +35,54 @@ def normalize_waveforms(waveforms: np.ndarray, channels: np.ndarray, channel_ind
     return waveforms * inv[channel_index[channels]][:, None, :]
 
 
+LOCATION_FLOOR = 3.0  # noise units of peak-to-peak below which a channel does not pull a spike's position
+
+
+@numba.njit(cache=True, nogil=True)
+def _prepare(waveforms, channels, channel_index, inv_noise, positions, relative_positions, floor, xn, rel, loc):
+    """One pass per spike: noise units, the snippet channels' relative positions, and the spike's position."""
+    k, t_len, n_k = waveforms.shape
+    for i in range(k):
+        c = channels[i]
+        sw = 0.0
+        ox = 0.0
+        oy = 0.0
+        for j in range(n_k):
+            g = inv_noise[channel_index[c, j]]
+            lo = np.inf
+            hi = -np.inf
+            for t in range(t_len):
+                v = waveforms[i, t, j] * g
+                xn[i, t, j] = v
+                lo = min(lo, v)
+                hi = max(hi, v)
+            rx = relative_positions[c, j, 0]
+            ry = relative_positions[c, j, 1]
+            rel[i, j, 0] = rx
+            rel[i, j, 1] = ry
+            w = max(hi - lo - floor, 0.0) ** 2
+            if j == 0:
+                w += 1e-6  # a spike with nothing above the floor sits on its peak channel
+            sw += w
+            ox += w * rx
+            oy += w * ry
+        loc[i, 0] = positions[c, 0] + ox / sw
+        loc[i, 1] = positions[c, 1] + oy / sw
+
+
 def spike_locations(xn: np.ndarray, channels: np.ndarray, positions: np.ndarray,
-                    relative_positions: np.ndarray, floor: float = 3.0) -> np.ndarray:
+                    relative_positions: np.ndarray, floor: float = LOCATION_FLOOR) -> np.ndarray:
     """Spike positions (k, 2) in um: centre of mass of the squared peak-to-peak over the snippet channels.
 
     Channels below ``floor`` noise units of peak-to-peak do not count, so noise
-    does not pull the estimate towards the snippet's centre.
+    does not pull the estimate towards the snippet's centre. (The NumPy
+    reference of what :class:`Featurizer` computes in one compiled pass.)
     """
     if xn.shape[0] == 0:
         return np.zeros((0, 2), dtype=np.float32)
     ptp = xn.max(axis=1) - xn.min(axis=1)  # (k, K)
     w = np.maximum(ptp - floor, 0.0) ** 2
-    w[:, 0] += 1e-6  # a spike with nothing above the floor sits on its peak channel
+    w[:, 0] += 1e-6
     offset = np.einsum("kc,kcd->kd", w, relative_positions[channels]) / w.sum(axis=1)[:, None]
     return (positions[channels] + offset).astype(np.float32)
 
@@ -114,18 +151,30 @@ class Featurizer:
         self.relative_positions = np.asarray(relative_positions, dtype=np.float32)
         self.positions = np.asarray(positions, dtype=np.float32)
         self.voltage_noise = np.asarray(voltage_noise, dtype=np.float32)
+        with np.errstate(divide="ignore"):
+            self._inv_noise = (1.0 / self.voltage_noise).astype(np.float32)  # inf noise (flat channel) -> 0
+        self.channel_index = np.ascontiguousarray(self.channel_index, dtype=np.int64)
+        self.positions = np.ascontiguousarray(self.positions, dtype=np.float32)
         self.latent_scale = np.float32(latent_scale)
         self.position_scale = np.float32(position_scale_um)
         self.n_features = int(encoder.latent_dim) + 2
 
     def parts(self, waveforms: np.ndarray, channels: np.ndarray):
         """(latents (k, D), locations (k, 2) um) of a batch of snippets (k, T, K) uV."""
-        xn = normalize_waveforms(waveforms, channels, self.channel_index, self.voltage_noise)
-        latent = self.encoder(xn, self.relative_positions[channels])
-        return latent, spike_locations(xn, channels, self.positions, self.relative_positions)
+        k, t_len, n_k = waveforms.shape
+        xn = np.empty((k, t_len, n_k), np.float32)
+        rel = np.empty((k, n_k, 2), np.float32)
+        loc = np.empty((k, 2), np.float32)
+        _prepare(np.ascontiguousarray(waveforms, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
+                 self.channel_index, self._inv_noise, self.positions, self.relative_positions,
+                 np.float32(LOCATION_FLOOR), xn, rel, loc)
+        return self.encoder(xn, rel), loc
 
     def combine(self, latent: np.ndarray, locations: np.ndarray) -> np.ndarray:
-        return np.hstack([latent * self.latent_scale, locations / self.position_scale]).astype(np.float32)
+        out = np.empty((latent.shape[0], latent.shape[1] + 2), np.float32)
+        np.multiply(latent, self.latent_scale, out=out[:, :-2])
+        np.divide(locations, self.position_scale, out=out[:, -2:])
+        return out
 
     def __call__(self, waveforms: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """Feature vectors (k, D + 2) of a batch of snippets (k, T, K) uV."""

@@ -82,7 +82,8 @@ class Pipeline:
         """Compile the kernels and run the encoder once, so the first chunk is not slow."""
         self.front.warmup()
         s = self.front.snippets
-        self.featurizer(np.zeros((2, s.n_samples, s.k_channels), np.float32), np.zeros(2, np.int64))
+        self.assigner.assign(self.featurizer(np.zeros((2, s.n_samples, s.k_channels), np.float32),
+                                             np.zeros(2, np.int64)))
 
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
@@ -192,7 +193,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             sink.close()
         raise
     live = not (isinstance(src, FileSource) and not speed)
-    compute, stages, sink_ns, latency, wait = [], [], [], [], []
+    compute, stages, sink_ns, latency, wait, arrival = [], [], [], [], [], []
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
@@ -223,9 +224,10 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 pipe.reset(chunk.first_sample)
             last = chunk.first_sample + chunk.n_samples - 1
             encode = True
-            if live and max_lag_ms is not None and chunk.timestamp is not None:
+            if live and chunk.timestamp is not None:  # its last sample was taken `lag` s ago
                 lag = now() - (chunk.timestamp + (chunk.n_samples - 1) / fs)
-                if lag * 1000.0 > max_lag_ms:
+                arrival.append(lag)
+                if max_lag_ms is not None and lag * 1000.0 > max_lag_ms:
                     encode = False
                     counts["late_chunks"] += 1
             spikes = pipe.process(chunk.samples, encode=encode)
@@ -263,6 +265,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
              "stage_ms": {name: percentiles(st[:, i]) for i, name in enumerate(STAGES)},
              "sink_ms": percentiles(sink_ns, 1e-6),
              "wait_ms": percentiles(wait, 1000.0),
+             "arrival_ms": percentiles(arrival, 1000.0),
              "trough_to_emit_ms": percentiles([x for x in latency if np.isfinite(x)], 1000.0)}
     log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
              "p99 %.3f ms", counts["chunks"], counts["spikes"], counts["unassigned"], counts["skipped_encoding"],

@@ -114,3 +114,29 @@ def test_runtime_never_imports_torch(small_sim, trained):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_featurizer_kernel_matches_numpy_reference(trained):
+    """The compiled per-spike pass gives what the NumPy definitions give (noise units, positions, features)."""
+    from rtsort.features import normalize_waveforms, spike_locations
+    from rtsort.frontend import FrontEnd
+    from rtsort.pipeline import make_featurizer
+
+    b = load_bundle(trained[1])
+    fe = FrontEnd(b.config, b.probe, b.sampling_rate, noise_levels=b.noise_levels)
+    f = make_featurizer(b, fe)
+    rng = np.random.default_rng(0)
+    k = 37
+    wf = (rng.normal(size=(k, fe.snippets.n_samples, fe.snippets.k_channels)) * 20).astype(np.float32)
+    ch = rng.integers(0, b.n_channels, k)
+    latent, loc = f.parts(wf, ch)
+    xn = normalize_waveforms(wf, ch, fe.snippets.channel_index, b.noise_levels[1])
+    np.testing.assert_allclose(loc, spike_locations(xn, ch, b.probe.positions_um, fe.snippets.relative_positions),
+                               atol=1e-3)
+    np.testing.assert_allclose(latent, f.encoder(xn, fe.snippets.relative_positions[ch]), atol=1e-5)
+    feats = f.combine(latent, loc)
+    unit, dist = Assigner(b.centroids, b.centroid_unit, b.centroid_radius).assign(feats)
+    d = np.linalg.norm(feats[:, None, :].astype(np.float64) - b.centroids[None].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist, d.min(axis=1), rtol=1e-5)
+    want = np.where(d.min(axis=1) <= b.centroid_radius[d.argmin(axis=1)], b.centroid_unit[d.argmin(axis=1)], -1)
+    np.testing.assert_array_equal(unit, want)
