@@ -125,7 +125,8 @@ class _LslConsumer:
         return n
 
 
-def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, seconds: float) -> dict:
+def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, seconds: float,
+               realtime: bool = False) -> dict:
     """Replay at 1x -> rtsort run -> this process; trough-to-event latency of every labelled spike."""
     from socket import socket
 
@@ -144,7 +145,8 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         cmd = [sys.executable, "-m", "rtsort", "-q"]
         runner = subprocess.Popen(cmd + ["run", "--bundle", str(bundle), "--source", src, "--sink", dst,
                                          "--idle-timeout", "2", "--resolve-timeout", "30", "--stats",
-                                         str(stats_file)], stdout=subprocess.DEVNULL)
+                                         str(stats_file)] + (["--realtime"] if realtime else []),
+                                  stdout=subprocess.DEVNULL)
         # the consumer is connected to rtsort's sink before the first sample is sent
         consumer = _ZmqConsumer(dst[4:]) if transport == "zmq" else _LslConsumer(dst[4:])
         time.sleep(1.0)  # subscriptions propagate (ZeroMQ's slow joiner); rtsort is warm
@@ -310,7 +312,7 @@ def headroom(channels_from: int, channels_max: int, sampling_rate: float, chunk_
 
 def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float = 30000.0, chunk_ms=(1.0,),
               transports=("inproc",), seconds: float = 10.0, progress: bool = True, compare: bool = True,
-              headroom_max: int | None = None) -> dict:
+              headroom_max: int | None = None, realtime: bool = False) -> dict:
     results, comparisons = [], []
     for c in channels:
         if bundle is None:
@@ -324,7 +326,9 @@ def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float 
             for tr in transports:
                 log.info("bench: %d channels, %g ms chunks, %s", c, ms, tr)
                 row = {"channels": c, "sampling_rate": sampling_rate, "chunk_ms": ms, "transport": tr}
-                row.update(in_process(rec, b, ms, seconds) if tr == "inproc" else end_to_end(rec, b, tr, ms, seconds))
+                row.update(in_process(rec, b, ms, seconds) if tr == "inproc" else
+                           end_to_end(rec, b, tr, ms, seconds, realtime))
+                row["realtime_scheduling"] = bool(realtime and tr != "inproc")
                 results.append(row)
         if compare:
             log.info("bench: comparisons at %d channels", c)
@@ -345,9 +349,10 @@ def markdown(report: dict) -> str:
         c = r.get("compute_ms", {})
         e = r.get("trough_to_event_ms", {})
         w, s = (r.get("wait_ms", {}), r.get("emitted_ms", {})) if e else ({}, {})
+        rt = " (realtime)" if r.get("realtime_scheduling") else ""
         f = lambda d, k: f"{d[k]:.3f} ms" if k in d else "-"  # noqa: E731
         x = f"{r['x_real_time']:.1f}" if "x_real_time" in r else "-"
-        lines.append(f"| {r['channels']} | {r['chunk_ms']:g} ms | {r['transport']} | {f(c, 'p50')} | {f(c, 'p99')} | "
+        lines.append(f"| {r['channels']} | {r['chunk_ms']:g} ms | {r['transport']}{rt} | {f(c, 'p50')} | {f(c, 'p99')} | "
                      f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} | {f(w, 'p50')} | "
                      f"{f(s, 'p50')} |")
     return "\n".join(lines)

@@ -326,12 +326,18 @@ def _add_run(sub):
     p.add_argument("--max-lag-ms", type=float, default=50.0,
                    help="overload policy: chunks later than this are detected but not encoded (spikes leave as "
                         "-1, counted); 0 turns it off")
+    p.add_argument("--realtime", action="store_true",
+                   help="ask for real-time scheduling (SCHED_FIFO; needs root, CAP_SYS_NICE or an rtprio limit; "
+                        "a warning, not an error, when refused)")
     p.add_argument("--stats", type=Path, help="write the run's statistics as JSON")
     p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import run_stream
+    from .pipeline import raise_priority, run_stream
+
+    if args.realtime:
+        raise_priority()
 
     stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
                        args.speed, args.threads, resolve_timeout=args.resolve_timeout,
@@ -402,6 +408,8 @@ def _add_bench(sub):
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds of data per configuration")
     p.add_argument("--json", type=Path, help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: latency percentiles and where the time goes")
+    p.add_argument("--realtime", action="store_true",
+                   help="run the sorter of lsl/zmq configurations with 'rtsort run --realtime' (SCHED_FIFO)")
     p.add_argument("--headroom", type=_positive_int, metavar="MAX_CHANNELS",
                    help="also search, doubling from the smallest --channels up to MAX_CHANNELS, the largest channel "
                         "count that stays real time (throughput >= 1x and compute p99 < the chunk) per chunk size")
@@ -414,7 +422,8 @@ def _cmd_bench(args) -> int:
     from .bench import comparison_lines, markdown, plot, run_bench
 
     report = run_bench(args.bundle, args.channels, args.sampling_rate, args.chunk_ms, args.transport, args.seconds,
-                       progress=not args.quiet, compare=not args.no_compare, headroom_max=args.headroom)
+                       progress=not args.quiet, compare=not args.no_compare, headroom_max=args.headroom,
+                       realtime=args.realtime)
     m = report["machine"]
     print(f"{m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, numba {m['numba']}, onnxruntime "
           f"{m['onnxruntime']}")

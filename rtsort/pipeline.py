@@ -10,6 +10,7 @@ invariance makes its spikes and labels the same as a live stream's.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -145,6 +146,24 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
              recording.duration_s, recording.n_channels, dt, recording.duration_s / max(dt, 1e-9), spikes.size,
              int(np.sum(spikes["unit"] < 0)))
     return spikes, dt
+
+
+def raise_priority(priority: int = 10) -> bool:
+    """Ask the OS to schedule this process first (SCHED_FIFO at ``priority``); False, with a warning, if refused.
+
+    For closed-loop runs on a busy machine: the scheduler then runs the sorter
+    as soon as a chunk arrives instead of after whatever else holds the core.
+    The run loop blocks on its source between chunks, so it never starves the
+    machine. Needs root, CAP_SYS_NICE or an ``rtprio`` limit (limits.conf).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        log.info("real-time scheduling: SCHED_FIFO priority %d", priority)
+        return True
+    except (AttributeError, PermissionError, OSError) as exc:
+        log.warning("real-time scheduling refused (%s); running at normal priority. Grant it with "
+                    "'setcap cap_sys_nice+ep' on the interpreter or an rtprio limit in limits.conf", exc)
+        return False
 
 
 def percentiles(values, scale: float = 1.0) -> dict:

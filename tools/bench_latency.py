@@ -28,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--chunk-ms", type=float, default=1.0)
+    ap.add_argument("--realtime", action="store_true", help="run the LSL sorter with SCHED_FIFO (rtsort run --realtime)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -37,7 +38,7 @@ def main(argv=None):
           f"p99 {c['p99']:.3f} p99.9 {c['p99.9']:.3f} max {c['max']:.3f} ms")
     for name, s in ip["stage_ms"].items():
         print(f"   {name:<10s} p50 {s['p50']:.3f}  p99 {s['p99']:.3f} ms")
-    lsl = end_to_end(args.recording, args.bundle, "lsl", args.chunk_ms, args.seconds)
+    lsl = end_to_end(args.recording, args.bundle, "lsl", args.chunk_ms, args.seconds, args.realtime)
     lt = lsl["trough_to_event_ms"]
     print(f"over LSL at 1x: {lsl['events_received']} markers; trough to marker received p50 {lt['p50']:.2f} "
           f"p99 {lt['p99']:.2f} max {lt['max']:.2f} ms; samples {lsl['samples']}, gaps {lsl['gaps']} "
