@@ -199,7 +199,7 @@ def detect_spikeinterface(raw, recording) -> dict:
     mem.set_dummy_probe_from_locations(recording.probe.positions_um)
     pp = spre.common_reference(spre.bandpass_filter(mem, freq_min=300.0, freq_max=6000.0),
                                reference="global", operator="median")
-    noise = get_noise_levels(pp, return_in_uV=False, seed=0)
+    noise = get_noise_levels(pp, return_in_uV=False, seed=0, progress_bar=False)
     t0 = time.perf_counter()
     peaks = detect_peaks(pp, method="locally_exclusive", method_kwargs=dict(noise_levels=noise),
                          job_kwargs=dict(n_jobs=1, chunk_duration="1s", progress_bar=False))
