@@ -156,8 +156,21 @@ class ClusterConfig:
     max_spikes: int = 40000  # clustering subsample; every spike is then assigned by nearest centroid
     reject_quantile: float = 0.99
     reject_factor: float = 1.5
+    # drift: two units are one neuron seen at two depths when they sit within drift_merge_um, their peak-channel
+    # waveforms agree (cosine >= drift_merge_similarity) and they take turns (correlation of their spike counts
+    # over time <= -drift_merge_anticorrelation); drift_merge_um = 0 turns this off
+    drift_merge_um: float = 40.0
+    drift_merge_similarity: float = 0.9
+    drift_merge_anticorrelation: float = 0.7
+    drift_bin_s: float = 2.0
 
     def __post_init__(self):
+        _check_positive("cluster.drift_merge_um", self.drift_merge_um, allow_zero=True)
+        _check_positive("cluster.drift_bin_s", self.drift_bin_s)
+        for name in ("drift_merge_similarity", "drift_merge_anticorrelation"):
+            v = getattr(self, name)
+            if not (isinstance(v, float) and 0 <= v <= 1):
+                raise ConfigError(f"cluster.{name} must be a number in [0, 1], got {v!r}")
         for name in ("min_cluster_size", "min_samples", "max_spikes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 2:

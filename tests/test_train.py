@@ -111,3 +111,40 @@ def test_too_few_spikes_is_a_clear_error(tmp_path):
                           positions_um=np.c_[np.zeros(8), np.arange(8) * 20.0], gain_to_uV=0.195)
     with pytest.raises(RecordingError, match="spikes detected"):
         train_bundle(rec, tmp_path / "b", progress=False)
+
+
+def test_drift_merges_joins_units_that_take_turns_and_only_those():
+    """One neuron split by drift (near, alike, taking turns) is joined; alike neurons firing independently are not."""
+    from rtsort.config import ClusterConfig
+    from rtsort.train.cluster import drift_merges
+
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 30)
+    shape_a = -np.exp(-((t - 0.3) / 0.05) ** 2) + 0.3 * np.exp(-((t - 0.5) / 0.1) ** 2)
+    shape_b = -np.exp(-((t - 0.3) / 0.12) ** 2)  # another neuron's waveform
+    units, loc, wf, times = [], [], [], []
+
+    def add(unit, xy, shape, spike_times):
+        n = spike_times.size
+        units.append(np.full(n, unit))
+        loc.append(np.asarray(xy, float) + rng.normal(0, 3, (n, 2)))
+        wf.append(shape * 8 + rng.normal(0, 1, (n, t.size)))
+        times.append(spike_times)
+
+    up = lambda lo, hi, n: np.sort(rng.uniform(lo, hi, n))  # noqa: E731
+    # unit 0 and 1: one neuron at two depths, alternating every 15 s over 60 s
+    add(0, (0, 100), shape_a, np.concatenate([up(0, 15, 80), up(30, 45, 80)]))
+    add(1, (0, 112), shape_a, np.concatenate([up(15, 30, 80), up(45, 60, 80)]))
+    # unit 2 and 3: alike and near, but both fire all along (two neurons)
+    add(2, (0, 300), shape_a, up(0, 60, 300))
+    add(3, (0, 315), shape_a, up(0, 60, 300))
+    # unit 4 and 5: take turns, near, but different waveforms (two neurons)
+    add(4, (0, 500), shape_a, up(0, 30, 150))
+    add(5, (0, 510), shape_b, up(30, 60, 150))
+    new = drift_merges(np.concatenate(units), np.concatenate(loc), np.concatenate(wf), np.concatenate(times),
+                       ClusterConfig())
+    assert new[0] == new[1]
+    assert len({new[0], new[2], new[3], new[4], new[5]}) == 5
+    off = drift_merges(np.concatenate(units), np.concatenate(loc), np.concatenate(wf), np.concatenate(times),
+                       ClusterConfig(drift_merge_um=0.0))
+    np.testing.assert_array_equal(off, np.arange(6))

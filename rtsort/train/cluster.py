@@ -6,7 +6,9 @@
    ``merge_threshold`` after the best shift of +/-1 sample, on the channels both
    cover) are merged by average-linkage agglomerative clustering. A unit whose
    spikes peak on two channels is found as two groups and merged here.
-3. Every group keeps its own centroid, labelled with its unit, and a rejection
+3. Units that are one neuron split by drift (near, alike, and taking turns
+   over time) are joined (:func:`drift_merges`).
+4. Every group keeps its own centroid, labelled with its unit, and a rejection
    radius: ``reject_factor`` x the ``reject_quantile`` of its members' distances.
 """
 
@@ -24,6 +26,8 @@ from ..config import ClusterConfig
 log = logging.getLogger("rtsort.train")
 
 FAR = 1e3  # template distance of groups that cannot be compared
+# counts correlate by chance with a spread of about 1/sqrt(bins): 20 bins put -0.7 at 3 sigma for unrelated units
+MIN_DRIFT_BINS = 20
 
 
 @dataclass
@@ -68,8 +72,63 @@ def template_distances(templates: np.ndarray, counts: np.ndarray, max_shift: int
     return d
 
 
+def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.ndarray, times_s: np.ndarray,
+                 cfg: ClusterConfig) -> np.ndarray:
+    """Join units that are one neuron split by drift; return the new unit of each old unit.
+
+    A neuron that moves along the probe changes its waveform on each channel,
+    so clustering sees it as two units, each firing while the neuron sits at
+    its depth. Two units are joined when they sit within ``drift_merge_um``,
+    their peak-channel waveforms agree (cosine >= ``drift_merge_similarity``)
+    and they take turns: their spike counts in ``drift_bin_s`` bins correlate
+    at or below ``-drift_merge_anticorrelation``. Neurons that merely look alike
+    fire independently (correlation near 0) and stay apart.
+
+    Parameters
+    ----------
+    units : (k,) int, unit of each spike (-1 = none)
+    locations : (k, 2) um
+    peak_waveforms : (k, T) the snippet's peak channel in noise units
+    times_s : (k,) spike times in seconds
+    """
+    n = int(units.max()) + 1 if units.size else 0
+    parent = np.arange(n)
+    if n < 2 or cfg.drift_merge_um <= 0:
+        return parent
+    edges = np.arange(times_s.min(), times_s.max() + cfg.drift_bin_s, cfg.drift_bin_s)
+    if edges.size - 1 < MIN_DRIFT_BINS:  # too short to tell turns from chance
+        log.info("%.0f s of spikes: too short to look for units split by drift", times_s.max() - times_s.min())
+        return parent
+    m = units >= 0
+    loc = np.stack([np.median(locations[m & (units == u)], axis=0) for u in range(n)])
+    wf = np.stack([peak_waveforms[m & (units == u)].mean(axis=0) for u in range(n)])
+    wf /= np.maximum(np.linalg.norm(wf, axis=1, keepdims=True), 1e-9)
+    counts = np.stack([np.histogram(times_s[m & (units == u)], edges)[0] for u in range(n)]).astype(np.float64)
+    counts -= counts.mean(axis=1, keepdims=True)
+    counts /= np.maximum(np.linalg.norm(counts, axis=1, keepdims=True), 1e-9)
+    corr = counts @ counts.T
+    near = np.linalg.norm(loc[:, None] - loc[None], axis=2) <= cfg.drift_merge_um
+    alike = wf @ wf.T >= cfg.drift_merge_similarity
+    pairs = np.argwhere(np.triu(near & alike & (corr <= -cfg.drift_merge_anticorrelation), k=1))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b in sorted(pairs.tolist(), key=lambda p: corr[p[0], p[1]]):  # most clearly taking turns first
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+            log.info("units %d and %d are one drifting neuron (%.0f um apart, waveform cosine %.2f, "
+                     "count correlation %.2f): joined", a, b, np.linalg.norm(loc[a] - loc[b]),
+                     float(wf[a] @ wf[b]), corr[a, b])
+    roots = np.array([root(i) for i in range(n)])
+    return np.unique(roots, return_inverse=True)[1]
+
+
 def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
-            positions: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> Clustering:
+            positions: np.ndarray, cfg: ClusterConfig, seed: int = 0, times_s: np.ndarray | None = None) -> Clustering:
     """Cluster spikes into units and build the runtime's centroids (see the module docstring)."""
     n = features.shape[0]
     rng = np.random.default_rng(seed)
@@ -88,6 +147,10 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
                                          distance_threshold=cfg.merge_threshold).fit_predict(dist)
     else:
         merged = np.zeros(1, dtype=np.int64)
+    if times_s is not None and n_groups > 1:
+        spike_unit = np.where(groups >= 0, merged[groups], -1)
+        merged = drift_merges(spike_unit, features[sub, -2:] * cfg.position_scale_um, xn[sub, :, 0],
+                              np.asarray(times_s)[sub], cfg)[merged]
     # units numbered along the probe (by the position of their biggest channel)
     n_units = int(merged.max()) + 1
     utm, ucounts = templates_on_probe(xn[sub], channels[sub], channel_index, np.where(groups >= 0, merged[groups], -1),

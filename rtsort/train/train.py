@@ -111,7 +111,8 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         timings["encode_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        clu = cluster(features, xn, channels, snip.channel_index, recording.probe.positions_um, config.cluster, seed)
+        clu = cluster(features, xn, channels, snip.channel_index, recording.probe.positions_um, config.cluster, seed,
+                      times_s=events["sample_index"] / recording.sampling_rate)
         timings["cluster_s"] = time.perf_counter() - t3
 
         n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
