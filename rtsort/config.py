@@ -120,7 +120,7 @@ class TrainConfig:
     """
 
     features: str = "transformer"  # "transformer" or "pca"
-    latent_dim: int = 12
+    latent_dim: int = 24
     d_model: int = 32
     n_layers: int = 1
     n_heads: int = 4

@@ -46,7 +46,7 @@ class Block(nn.Module):
 class SpikeEncoder(nn.Module):
     """(B, T, K) noise-unit snippets + (B, K, 2) relative positions (um) -> (B, D) latents."""
 
-    def __init__(self, n_samples: int, n_channels: int, latent_dim: int = 12, d_model: int = 32,
+    def __init__(self, n_samples: int, n_channels: int, latent_dim: int = 24, d_model: int = 32,
                  n_layers: int = 2, n_heads: int = 4, position_scale_um: float = 50.0):
         super().__init__()
         self.n_samples, self.n_channels, self.latent_dim = n_samples, n_channels, latent_dim
@@ -77,7 +77,7 @@ class SpikeDecoder(nn.Module):
 
 
 class SpikeAutoencoder(nn.Module):
-    def __init__(self, n_samples: int, n_channels: int, latent_dim: int = 12, d_model: int = 32,
+    def __init__(self, n_samples: int, n_channels: int, latent_dim: int = 24, d_model: int = 32,
                  n_layers: int = 2, n_heads: int = 4):
         super().__init__()
         self.encoder = SpikeEncoder(n_samples, n_channels, latent_dim, d_model, n_layers, n_heads)
