@@ -301,6 +301,28 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _add_report(sub):
+    p = sub.add_parser(
+        "report", formatter_class=_Formatter,
+        help="plots and an HTML page for a bundle or a spikes file",
+        description="From a bundle: unit waveforms, unit positions on the probe, centroids in feature space "
+                    "and the quality table with its flags. From a spikes file: ISI histograms with refractory "
+                    "violations, firing rate and amplitude over time (add --bundle for both). Writes PNGs and "
+                    "OUT/index.html.",
+    )
+    p.add_argument("target", type=Path, help="BUNDLE_DIR or SPIKES.npz")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--bundle", type=Path, help="with a spikes file: the bundle that sorted it")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.target, args.out, args.bundle)}")
+    return 0
+
+
 # ---------------------------------------------------------------- run / replay
 def _add_run(sub):
     p = sub.add_parser(
@@ -471,8 +493,11 @@ def _cmd_demo(args) -> int:
     _sort(out / "recording.bin", out / "bundle", out / "spikes.npz", 1.0, 1, args.quiet)
     print("[4/4] scoring against ground truth (SpikeInterface, 0.4 ms)")
     _eval(out / "spikes.npz", out / "truth.npz", 0.4, out / "accuracy.json")
+    from .report import write_report
+
+    index = write_report(out / "spikes.npz", out / "report", out / "bundle")
     print(f"done in {time.perf_counter() - t0:.0f} s: {out}/recording.bin, truth.npz, bundle/, spikes.npz, "
-          f"accuracy.json")
+          f"accuracy.json; plots: {index}")
     return 0
 
 
@@ -492,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sort(sub)
     _add_eval(sub)
+    _add_report(sub)
     _add_run(sub)
     _add_replay(sub)
     _add_bench(sub)

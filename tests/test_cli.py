@@ -7,7 +7,7 @@ import pytest
 
 from rtsort.cli import main
 
-COMMANDS = ["simulate", "detect", "train", "sort", "eval", "run", "replay", "bench", "demo"]
+COMMANDS = ["simulate", "detect", "train", "sort", "eval", "report", "run", "replay", "bench", "demo"]
 
 
 def _run(*args):
@@ -118,3 +118,40 @@ def test_bench_headroom_search(tmp_path, monkeypatch):
     assert [t["channels"] for t in h["tried"]][0] == 4 and h["chunk_ms"] == 5.0
     assert all(t["x_real_time"] > 0 and t["compute_p99_ms"] > 0 for t in h["tried"])
     assert h["largest_real_time_channels"] in (None, 4, 8)
+
+
+def test_report_for_a_bundle_and_its_spikes(small_sim, trained, tmp_path):
+    """rtsort report draws every plot and lists every unit; a path that is neither input is a one-line error."""
+    from rtsort.io.spikes import save_spikes
+    from rtsort.pipeline import sort_recording
+    from rtsort.report import spike_summary
+
+    rec, _, _ = small_sim
+    spikes, _ = sort_recording(rec, trained[1], progress=False)
+    sp = save_spikes(tmp_path / "s.npz", spikes, rec.sampling_rate)
+    r = _run("-q", "report", str(sp), "--bundle", str(trained[1]), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    for name in ("waveforms", "probe", "feature_space", "isi", "activity"):
+        png = (tmp_path / "rep" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    page = (tmp_path / "rep" / "index.html").read_text()
+    rows = spike_summary(spikes, rec.sampling_rate)
+    assert len(rows) == len(np.unique(spikes["unit"][spikes["unit"] >= 0])) > 0
+    assert sum(r["n_spikes"] for r in rows) == int(np.sum(spikes["unit"] >= 0))
+    for row in trained[0].units:
+        assert f"<td>{row['unit']}</td>" in page
+    bad = _run("report", str(rec.source), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "neither a bundle" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_end_to_end(tmp_path):
+    """The README's main command, small: every output is written and the scoring found units."""
+    out = tmp_path / "demo"
+    r = _run("-q", "demo", "--out", str(out), "--duration", "20", "--channels", "16", "--units", "6", "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    for name in ("recording.bin", "truth.npz", "bundle/manifest.json", "spikes.npz", "accuracy.json",
+                 "report/index.html", "report/waveforms.png"):
+        assert (out / name).is_file(), name
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["summary"]["n_true_units"] == 6 and acc["summary"]["well_detected"] >= 3, acc["summary"]
+    assert "well detected" in r.stdout and "plots:" in r.stdout
