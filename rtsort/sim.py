@@ -31,9 +31,18 @@ def _require_spikeinterface():
         raise RtsortError("simulation needs SpikeInterface: pip install 'rtsort[interop]'") from None
 
 
-def make_probe(n_channels: int):
-    """A two-column probe, 20 um pitch in both directions (a tetrode-sized block at 4 channels)."""
-    from probeinterface import generate_multi_columns_probe
+def make_probe(n_channels: int, positions_um=None):
+    """A two-column probe, 20 um pitch in both directions (a tetrode-sized block at 4 channels), or the given layout."""
+    from probeinterface import Probe, generate_multi_columns_probe
+
+    if positions_um is not None:
+        pos = np.asarray(positions_um, dtype=np.float64).reshape(-1, 2)
+        if pos.shape[0] != n_channels:
+            raise ConfigError(f"simulate: {pos.shape[0]} channel positions for {n_channels} channels")
+        probe = Probe(ndim=2)
+        probe.set_contacts(pos, shapes="circle", shape_params={"radius": 6})
+        probe.set_device_channel_indices(np.arange(n_channels))
+        return probe
 
     n_cols = 2 if n_channels >= 2 else 1
     per_col = [n_channels // n_cols] * n_cols
@@ -48,7 +57,8 @@ def make_probe(n_channels: int):
 
 def simulate(out_dir: str | Path, n_channels: int = 32, n_units: int = 12, duration_s: float = 30.0,
              seed: int = 0, drift: bool = False, sampling_rate: float = 30000.0,
-             noise_uV: float = NOISE_UV, firing_rates=(2.0, 12.0), progress: bool = True) -> BinaryRecording:
+             noise_uV: float = NOISE_UV, firing_rates=(2.0, 12.0), progress: bool = True,
+             positions_um=None) -> BinaryRecording:
     """Write a ground-truth recording to ``out_dir``.
 
     Writes ``recording.bin`` + ``recording.json`` (the recording contract) and
@@ -56,6 +66,8 @@ def simulate(out_dir: str | Path, n_channels: int = 32, n_units: int = 12, durat
     ``templates`` (units, samples, channels; float32 uV), ``template_nbefore``,
     ``unit_peak_channel`` (int32), ``unit_locations_um`` and ``sampling_rate``.
     With ``drift`` the probe moves 20 um up and down (zigzag, 30 s period).
+    ``positions_um`` (n_channels, 2) puts the units on your own probe layout
+    instead of the default two-column probe.
 
     Returns the written recording, opened.
     """
@@ -69,7 +81,7 @@ def simulate(out_dir: str | Path, n_channels: int = 32, n_units: int = 12, durat
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe = make_probe(n_channels)
+    probe = make_probe(n_channels, positions_um)
     sorting = generate_sorting(
         num_units=n_units, sampling_frequency=sampling_rate, durations=[duration_s],
         firing_rates=firing_rates, refractory_period_ms=4.0, seed=seed,

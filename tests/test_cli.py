@@ -120,6 +120,24 @@ def test_bench_headroom_search(tmp_path, monkeypatch):
     assert h["largest_real_time_channels"] in (None, 4, 8)
 
 
+def test_bench_with_your_own_bundle_uses_its_probe_and_rate(tmp_path, monkeypatch):
+    """--bundle: the benchmark recording is simulated on the bundle's own layout and rate, so the bundle accepts it."""
+    from rtsort.config import Config
+    from rtsort.sim import simulate
+    from rtsort.train import train_bundle
+
+    monkeypatch.setenv("RTSORT_CACHE", str(tmp_path / "cache"))
+    grid = np.array([(x, y) for y in range(0, 80, 25) for x in range(0, 80, 25)], float)  # 4 x 4, 25 um pitch
+    rec = simulate(tmp_path / "sim", 16, 6, 12.0, seed=4, sampling_rate=20000.0, progress=False, positions_um=grid)
+    np.testing.assert_allclose(rec.probe.positions_um, grid)
+    train_bundle(rec, tmp_path / "b", Config.from_dict({"train": {"epochs": 2, "max_snippets": 1000}}),
+                 progress=False)
+    assert main(["-q", "bench", "--bundle", str(tmp_path / "b"), "--seconds", "2", "--no-compare",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["channels"] == 16 and row["sampling_rate"] == 20000.0 and row["compute_ms"]["p50"] > 0
+
+
 def test_report_for_a_bundle_and_its_spikes(small_sim, trained, tmp_path):
     """rtsort report draws every plot and lists every unit; a path that is neither input is a one-line error."""
     from rtsort.io.spikes import save_spikes
