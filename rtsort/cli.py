@@ -323,6 +323,64 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _add_phy(sub):
+    p = sub.add_parser(
+        "phy", formatter_class=_Formatter,
+        help="export a sorting for manual curation in Phy",
+        description="Write a Phy template-gui folder for SPIKES.npz (sorted by the bundle from the recording): "
+                    "spike times, units as templates and clusters, trough amplitudes, the bundle's mean "
+                    "waveforms, channel map and positions, cluster groups (flagged units 'mua', unassigned "
+                    "spikes one 'noise' cluster) and one column per quality metric. Open it with "
+                    "'phy template-gui OUT/params.py'; bring the curation back with 'rtsort curate'.",
+    )
+    p.add_argument("spikes", type=Path, help="SPIKES.npz from 'rtsort sort'")
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle that sorted it")
+    p.add_argument("--recording", type=Path, required=True, help="the sorted recording (.bin + .json)")
+    p.add_argument("--out", type=Path, required=True, help="Phy folder to write")
+    p.set_defaults(func=_cmd_phy)
+
+
+def _cmd_phy(args) -> int:
+    from .bundle import load_bundle
+    from .io import open_recording
+    from .io.phy import export_phy
+    from .io.spikes import load_spikes
+
+    spikes, fs = load_spikes(args.spikes)
+    b = load_bundle(args.bundle)
+    rec = open_recording(args.recording)
+    b.check_recording(rec)
+    out = export_phy(spikes, fs, b, rec, args.out)
+    print(f"{spikes.size} spikes, {b.n_units} units -> {out}; open with: phy template-gui {out / 'params.py'}")
+    return 0
+
+
+def _add_curate(sub):
+    p = sub.add_parser(
+        "curate", formatter_class=_Formatter,
+        help="apply a Phy curation to a bundle",
+        description="Read a Phy folder written by 'rtsort phy' and edited in Phy (merges, splits, moved spikes, "
+                    "cluster groups), recompute the spikes' features with the bundle's own front end and "
+                    "encoder, and write a new bundle whose centroids follow the curated clusters. Clusters "
+                    "labelled 'noise' keep centroids that label their spikes -1. The unit table is recomputed.",
+    )
+    p.add_argument("bundle", type=Path, help="the bundle that was exported")
+    p.add_argument("--phy", type=Path, required=True, help="the curated Phy folder")
+    p.add_argument("--recording", type=Path, required=True, help="the recording that was sorted")
+    p.add_argument("--out", type=Path, required=True, help="directory of the curated bundle")
+    p.set_defaults(func=_cmd_curate)
+
+
+def _cmd_curate(args) -> int:
+    from .io import open_recording
+    from .train.curate import apply_curation
+
+    s = apply_curation(args.bundle, args.phy, open_recording(args.recording), args.out, progress=not args.quiet)
+    print(f"{s['units_before']} units -> {s['units_after']} ({len(s['noise_clusters'])} noise clusters, "
+          f"{s['centroids']} centroids, {100 * s['unassigned_fraction']:.1f} % of spikes unassigned) -> {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- run / replay
 def _add_run(sub):
     p = sub.add_parser(
@@ -518,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sort(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_phy(sub)
+    _add_curate(sub)
     _add_run(sub)
     _add_replay(sub)
     _add_bench(sub)

@@ -140,3 +140,51 @@ def test_featurizer_kernel_matches_numpy_reference(trained):
     np.testing.assert_allclose(dist, d.min(axis=1), rtol=1e-5)
     want = np.where(d.min(axis=1) <= b.centroid_radius[d.argmin(axis=1)], b.centroid_unit[d.argmin(axis=1)], -1)
     np.testing.assert_array_equal(unit, want)
+
+
+def test_phy_export_and_curation_round_trip(small_sim, trained, tmp_path):
+    """Export to Phy, curate as a person would (merge two units, call one noise), apply: the new bundle sorts so."""
+    import csv
+
+    from rtsort.io.spikes import save_spikes
+    from rtsort.train.curate import apply_curation
+
+    rec, _, _ = small_sim
+    spikes, _ = sort_recording(rec, trained[1], progress=False)
+    sp = save_spikes(tmp_path / "s.npz", spikes, rec.sampling_rate)
+    phy = tmp_path / "phy"
+    r = subprocess.run([sys.executable, "-m", "rtsort", "-q", "phy", str(sp), "--bundle", str(trained[1]),
+                        "--recording", str(rec.source), "--out", str(phy)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    b = load_bundle(trained[1])
+    times = np.load(phy / "spike_times.npy")
+    clusters = np.load(phy / "spike_clusters.npy")
+    tm = np.load(phy / "templates.npy")
+    assert times.dtype == np.uint64 and np.array_equal(times, spikes["sample_index"])
+    assert tm.shape == (b.n_units + 1,) + b.templates.shape[1:]  # + the unassigned cluster
+    assert np.array_equal(clusters, np.where(spikes["unit"] >= 0, spikes["unit"], b.n_units))
+    assert "dat_path" in (phy / "params.py").read_text()
+    counts = np.bincount(spikes["unit"][spikes["unit"] >= 0], minlength=b.n_units)
+    a, c, noise = np.argsort(counts)[::-1][:3]  # merge c into a; call noise "noise"
+    curated = np.where(clusters == c, a, clusters).astype(np.int32)
+    np.save(phy / "spike_clusters.npy", curated)
+    with open(phy / "cluster_group.tsv", "a", newline="") as f:
+        csv.writer(f, delimiter="\t", lineterminator="\n").writerow((int(noise), "noise"))
+    out = tmp_path / "curated"
+    summary = apply_curation(trained[1], phy, rec, out, progress=False)
+    nb = load_bundle(out)
+    assert nb.n_units == summary["units_after"] == b.n_units - 2  # one merged away, one called noise
+    assert (nb.centroid_unit == -1).any()
+    new, _ = sort_recording(rec, out, progress=False)
+    assert np.array_equal(new["sample_index"], spikes["sample_index"])
+    phy_of_unit = {u["unit"]: u["phy_cluster"] for u in nb.units}
+    relabelled = np.array([phy_of_unit.get(int(u), -1) for u in new["unit"]])
+    want = np.where(curated == b.n_units, -1, curated)  # what the curator asked for, in Phy's ids
+    want = np.where(want == noise, -1, want)
+    assert np.mean(relabelled == want) >= 0.95
+    assert np.mean(new["unit"][curated == noise] < 0) >= 0.9  # noise stays unassigned
+    other = tmp_path / "other"
+    shutil.copytree(trained[1], other)
+    (other / "manifest.json").write_text((other / "manifest.json").read_text().replace('"created"', '"created" ', 1))
+    with pytest.raises(BundleError, match="exported from bundle"):
+        apply_curation(other, phy, rec, tmp_path / "x", progress=False)

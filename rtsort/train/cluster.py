@@ -127,6 +127,23 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
     return np.unique(roots, return_inverse=True)[1]
 
 
+def centroids_and_radii(members: np.ndarray, groups: np.ndarray, n_groups: int, features: np.ndarray,
+                        cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's mean feature vector and its rejection radius.
+
+    The radius is ``reject_factor`` x the ``reject_quantile`` of the distances
+    of the spikes (of ``features``) for which the group is the nearest centroid.
+    ``members`` / ``groups``: the spikes that define the groups (-1 = none).
+    """
+    centroids = np.stack([members[groups == g].mean(axis=0) for g in range(n_groups)]).astype(np.float32)
+    nearest, dist_all = Assigner(centroids, np.arange(n_groups), np.full(n_groups, np.inf)).assign(features)
+    radius = np.empty(n_groups, dtype=np.float32)
+    for g in range(n_groups):
+        own = dist_all[nearest == g]
+        radius[g] = cfg.reject_factor * np.quantile(own, cfg.reject_quantile) if own.size else 0.0
+    return centroids, radius
+
+
 def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
             positions: np.ndarray, cfg: ClusterConfig, seed: int = 0, times_s: np.ndarray | None = None) -> Clustering:
     """Cluster spikes into units and build the runtime's centroids (see the module docstring)."""
@@ -160,13 +177,7 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
     unit_of_merged = np.empty(n_units, dtype=np.int32)
     unit_of_merged[order] = np.arange(n_units, dtype=np.int32)
     centroid_unit = unit_of_merged[merged]
-    centroids = np.stack([features[sub][groups == g].mean(axis=0) for g in range(n_groups)]).astype(np.float32)
-    # radii from every spike's distance to its nearest centroid
-    nearest, dist_all = Assigner(centroids, np.arange(n_groups), np.full(n_groups, np.inf)).assign(features)
-    radius = np.empty(n_groups, dtype=np.float32)
-    for g in range(n_groups):
-        own = dist_all[nearest == g]
-        radius[g] = cfg.reject_factor * np.quantile(own, cfg.reject_quantile) if own.size else 0.0
+    centroids, radius = centroids_and_radii(features[sub], groups, n_groups, features, cfg)
     labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
     log.info("%d groups merged into %d units; %.1f%% of spikes unassigned", n_groups, n_units,
              100.0 * np.mean(labels < 0))

@@ -58,6 +58,20 @@ def encode_all(featurizer: Featurizer, waveforms: np.ndarray, channels: np.ndarr
     return np.concatenate(lat), np.concatenate(loc)
 
 
+def unit_table(labels, n_units: int, events, waveforms, channel_index, features, loc, noise, recording, seed: int):
+    """The unit table (metrics, flags, peak channel, position) and the mean waveforms (units, C, T) in uV."""
+    tm_uv = templates_on_probe(waveforms, events["channel"], channel_index, labels, n_units, recording.n_channels)[0]
+    tm_noise = tm_uv / noise[1][None, :, None]  # normalisation is per channel: the same mean, in noise units
+    snr = np.abs(tm_noise).max(axis=(1, 2)) if n_units else np.zeros(0)
+    units = unit_metrics(labels, events["sample_index"], events["amplitude"], features, snr, n_units,
+                         recording.sampling_rate, recording.duration_s, seed)
+    for row, t in zip(units, tm_uv):
+        row["peak_channel"] = int(np.abs(t).max(axis=1).argmax())
+        row["position_um"] = np.median(loc[labels == row["unit"]], axis=0).tolist() \
+            if row["n_spikes"] else [float("nan")] * 2
+    return units, tm_uv
+
+
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
                  progress: bool = True) -> TrainResult:
     """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring)."""
@@ -116,17 +130,8 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         timings["cluster_s"] = time.perf_counter() - t3
 
         n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
-        C = recording.n_channels
-        tm_uv = templates_on_probe(waveforms, channels, snip.channel_index, clu.labels, n_units, C)[0]
-        tm_noise = tm_uv / noise[1][None, :, None]  # normalisation is per channel: the same mean, in noise units
-        snr = np.abs(tm_noise).max(axis=(1, 2)) if n_units else np.zeros(0)
-        units = unit_metrics(clu.labels, events["sample_index"], events["amplitude"], features, snr, n_units,
-                             recording.sampling_rate, recording.duration_s, seed)
-        for row, t in zip(units, tm_uv):
-            peak = int(np.abs(t).max(axis=1).argmax())
-            row["peak_channel"] = peak
-            row["position_um"] = np.median(loc[clu.labels == row["unit"]], axis=0).tolist() \
-                if row["n_spikes"] else [float("nan")] * 2
+        units, tm_uv = unit_table(clu.labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
+                                  recording, seed)
         spikes = labelled(events, clu.labels, np.zeros(events.size, np.float32))
         features_meta = {
             "kind": config.train.features,

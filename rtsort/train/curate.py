@@ -1,0 +1,81 @@
+"""Apply a Phy curation to a bundle: merged clusters become one unit, "noise" clusters become -1.
+
+The curated folder (from :func:`rtsort.io.phy.export_phy`, edited in Phy)
+relabels the spikes. Their features are recomputed through the bundle's own
+front end and encoder, and the bundle's centroids are rebuilt from the new
+labels: one centroid for every (old centroid, curated cluster) pair with at
+least ``min_cluster_size`` spikes, so merges, splits and reassignments all
+carry over; pairs in a "noise" cluster keep a centroid labelled -1, so the
+runtime leaves such spikes unassigned instead of handing them to a
+neighbour. Units are renumbered 0..n-1 in the order of their Phy cluster ids;
+each unit row records its ``phy_cluster`` and ``phy_group``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..assign import Assigner
+from ..bundle import load_bundle, save_bundle
+from ..errors import BundleError
+from ..frontend import snippets_recording
+from ..io.phy import manifest_digest, read_curation
+from ..pipeline import make_featurizer
+from .cluster import centroids_and_radii
+from .train import encode_all, unit_table
+
+log = logging.getLogger("rtsort.train")
+
+NOISE = "noise"
+
+
+def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = True) -> dict:
+    """Write a curated copy of a bundle to ``out_dir``; return a summary of what changed."""
+    b = load_bundle(bundle_dir)
+    times, clusters, groups, info = read_curation(phy_dir)
+    if info.get("bundle_manifest_sha256") != manifest_digest(b.path):
+        raise BundleError(f"{phy_dir} was exported from bundle {info.get('bundle')}, not from {b.path}")
+    b.check_recording(recording)
+    events, waveforms, fe = snippets_recording(recording, b.config, progress=progress, noise_levels=b.noise_levels)
+    if events.size != times.size or not np.array_equal(events["sample_index"], times):
+        raise BundleError(f"{phy_dir}: its {times.size} spikes are not this bundle's {events.size} spikes of "
+                          f"{recording.source} (another recording, or a folder edited outside Phy)")
+    featurizer = make_featurizer(b, fe)
+    latent, loc = encode_all(featurizer, waveforms, events["channel"], progress)
+    features = featurizer.combine(latent, loc)
+    old = Assigner(b.centroids, np.arange(b.centroids.shape[0]), np.full(b.centroids.shape[0], np.inf)) \
+        .assign(features)[0]
+    kept = sorted(c for c in np.unique(clusters) if groups.get(int(c), "unsorted") != NOISE)
+    unit_of_cluster = {int(c): i for i, c in enumerate(kept)}
+    pair = old.astype(np.int64) * (int(clusters.max()) + 1) + clusters
+    ids, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+    big = counts >= b.config.cluster.min_cluster_size
+    group_of_pair = np.full(ids.size, -1, np.int64)
+    group_of_pair[big] = np.arange(int(big.sum()))
+    groups_of_spike = group_of_pair[inverse]
+    n_groups = int(big.sum())
+    if n_groups == 0:
+        raise BundleError(f"{phy_dir}: no cluster keeps {b.config.cluster.min_cluster_size} spikes")
+    cluster_of_group = clusters[np.array([np.flatnonzero(groups_of_spike == g)[0] for g in range(n_groups)])]
+    centroid_unit = np.array([unit_of_cluster.get(int(c), -1) for c in cluster_of_group], np.int32)
+    centroids, radius = centroids_and_radii(features, groups_of_spike, n_groups, features, b.config.cluster)
+    labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
+    units, tm_uv = unit_table(labels, len(kept), events, waveforms, fe.snippets.channel_index, features, loc,
+                              b.noise_levels, recording, 0)
+    for row, c in zip(units, kept):
+        row["phy_cluster"] = int(c)
+        row["phy_group"] = groups.get(int(c), "unsorted")
+    summary = {"phy_dir": str(Path(phy_dir).resolve()), "units_before": b.n_units, "units_after": len(kept),
+               "noise_clusters": sorted(int(c) for c in np.unique(clusters) if groups.get(int(c)) == NOISE),
+               "centroids": n_groups, "unassigned_fraction": float(np.mean(labels < 0))}
+    training = dict(b.manifest.get("training", {}))
+    training["curation"] = summary
+    save_bundle(out_dir, config=b.config, sampling_rate=b.sampling_rate, probe=b.probe, noise_levels=b.noise_levels,
+                encoder_file=b.encoder_path, centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius,
+                templates=tm_uv.transpose(0, 2, 1), features=b.features, units=units, training=training,
+                gain_to_uV=b.gain_to_uV)
+    log.info("curated bundle written to %s: %d units -> %d, %d centroids", out_dir, b.n_units, len(kept), n_groups)
+    return summary
