@@ -183,6 +183,7 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         "arrival_ms": run.get("arrival_ms", {}),  # a chunk's last sample taken -> chunk read by rtsort
         "emitted_ms": run.get("trough_to_emit_ms", {}),  # trough -> sent by rtsort (wait, transport in, compute)
         "compute_ms": run.get("compute_ms", {}),
+        "stage_ms": {**run.get("stage_ms", {}), "sink": run.get("sink_ms", {})},  # per chunk, in the sorter
         "samples": run.get("samples", 0),
         "gaps": run.get("gaps", 0),
         "gap_samples": run.get("gap_samples", 0),
@@ -418,13 +419,13 @@ def plot(report: dict, path: Path) -> None:
     a1.set_ylabel("ms (blue: compute per chunk; orange: trough to event)")
     a1.set_title("latency percentiles")
     bottom = np.zeros(len(rows))
-    for j, stage in enumerate(STAGES):
+    for j, stage in enumerate(STAGES + ("sink",)):
         v = np.array([r.get("stage_ms", {}).get(stage, {}).get("mean", 0.0) for r in rows])
         a2.bar(range(len(rows)), v, bottom=bottom, label=stage, color=f"C{j}")
         bottom += v
     a2.set_xticks(range(len(rows)), labels, fontsize=8)
     a2.set_ylabel("ms per chunk (mean of each stage)")
-    a2.set_title("where the time goes (in process)")
+    a2.set_title("where the time goes (in the sorter)")
     a2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

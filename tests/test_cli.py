@@ -102,6 +102,8 @@ def test_bench_tiny_grid_writes_positive_figures(tmp_path, monkeypatch):
             assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign"}
         else:
             assert r["events_received"] > 0 and all(v > 0 for v in r["trough_to_event_ms"].values())
+            assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign", "sink"}
+            assert r["stage_ms"]["sink"]["max"] > 0 and r["wait_ms"]["p50"] > 0 and r["arrival_ms"]["p50"] > 0
             assert r["gaps"] == 0
     assert (tmp_path / "b.png").stat().st_size > 10000
     (cmp,) = rep["comparisons"]  # same-run comparisons: detection vs SpikeInterface, onnxruntime vs torch
