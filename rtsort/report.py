@@ -34,6 +34,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def _grid(n: int, cols: int = 8):
     cols = max(1, min(cols, n))
     return cols, int(np.ceil(n / cols))
@@ -67,9 +73,7 @@ def plot_waveforms(bundle, path: Path, n_channels: int = 4) -> None:
         ax.set_title(f"unit {u}: {row['n_spikes']} sp, SNR {row['snr']:.1f}" +
                      (" *" if row.get("flags") else ""), fontsize=7)
     fig.suptitle(f"mean waveforms ({n_channels} biggest channels, uV, ms from the trough; * = flagged)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_probe(bundle, path: Path) -> None:
@@ -86,9 +90,7 @@ def plot_probe(bundle, path: Path) -> None:
     ax.set_xlabel("x (um)")
     ax.set_ylabel("y (um)")
     ax.set_title("unit positions (size ~ SNR, black edge = flagged)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_feature_space(bundle, path: Path) -> None:
@@ -108,9 +110,7 @@ def plot_feature_space(bundle, path: Path) -> None:
         ax.set_xlabel(f"axis 1 ({100 * share[0]:.0f} % of the spread)")
         ax.set_ylabel(f"axis 2 ({100 * share[1]:.0f} %)")
     ax.set_title("centroids in feature space (label = unit)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def spike_summary(spikes: np.ndarray, sampling_rate: float) -> list:
@@ -146,9 +146,7 @@ def plot_isi(spikes: np.ndarray, sampling_rate: float, path: Path, max_ms: float
         ax.set_title(f"unit {u}: {pct:.2f} % < {REFRACTORY_MS:g} ms", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.suptitle("inter-spike intervals (ms; red: refractory period)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_activity(spikes: np.ndarray, sampling_rate: float, path: Path, bin_s: float = 1.0) -> None:
@@ -174,9 +172,7 @@ def plot_activity(spikes: np.ndarray, sampling_rate: float, path: Path, bin_s: f
     a2.set_ylabel("trough amplitude (uV)")
     a2.set_xlabel("time (s)")
     a2.set_title("amplitude over time (grey: unassigned)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _table(rows: list, columns) -> str:
