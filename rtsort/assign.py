@@ -15,7 +15,8 @@ from .errors import BundleError
 
 
 @numba.njit(cache=True, nogil=True)
-def _nearest(features, centroids, centroid_unit, radius, unit, dist):
+def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist):
+    """Label spike by spike; with ``rate`` > 0 a confident spike pulls its centroid towards itself."""
     k, f_dim = features.shape
     for i in range(k):
         best = np.inf
@@ -30,6 +31,9 @@ def _nearest(features, centroids, centroid_unit, radius, unit, dist):
                 arg = j
         dist[i] = np.sqrt(best)
         unit[i] = centroid_unit[arg] if dist[i] <= radius[arg] else -1
+        if rate > 0.0 and dist[i] <= within * radius[arg]:
+            for f in range(f_dim):
+                centroids[arg, f] += rate * (features[i, f] - centroids[arg, f])
 
 
 class Assigner:
@@ -44,10 +48,12 @@ class Assigner:
         Rejection distance of each centroid (inf = never reject).
     """
 
-    def __init__(self, centroids, centroid_unit, radius):
-        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    def __init__(self, centroids, centroid_unit, radius, track_rate: float = 0.0, track_within: float = 0.5):
+        self.centroids = np.array(centroids, dtype=np.float32, order="C")  # a copy: tracking moves it
         self.centroid_unit = np.asarray(centroid_unit, dtype=np.int32)
         self.radius = np.asarray(radius, dtype=np.float32)
+        self.track_rate = np.float32(track_rate)
+        self.track_within = np.float32(track_within)
         n = self.centroids.shape[0]
         if self.centroids.ndim != 2 or self.centroid_unit.shape != (n,) or self.radius.shape != (n,):
             raise BundleError(
@@ -67,5 +73,5 @@ class Assigner:
         unit = np.empty(k, np.int32)
         dist = np.empty(k, np.float32)
         _nearest(np.ascontiguousarray(features, dtype=np.float32), self.centroids, self.centroid_unit, self.radius,
-                 unit, dist)
+                 self.track_rate, self.track_within, unit, dist)
         return unit, dist

@@ -235,17 +235,21 @@ def _add_sort(sub):
     p.add_argument("--out", type=Path, required=True, help="spikes file (.npz)")
     p.add_argument("--chunk-s", type=_positive_float, default=1.0, help="chunk length in seconds")
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads")
+    p.add_argument("--track-rate", type=float, metavar="RATE",
+                   help="let centroids follow slow drift (0-1; overrides the bundle's [assign] track_rate)")
     p.set_defaults(func=_cmd_sort)
 
 
-def _sort(recording_path: Path, bundle_path: Path, out: Path, chunk_s: float, threads: int, quiet: bool):
+def _sort(recording_path: Path, bundle_path: Path, out: Path, chunk_s: float, threads: int, quiet: bool,
+          track_rate: float | None = None):
     from .io import open_recording, save_spikes
     from .pipeline import sort_recording
 
     if out.suffix != ".npz":
         raise RtsortError(f"{out}: the spikes file must end in .npz")
     rec = open_recording(recording_path)
-    spikes, dt = sort_recording(rec, bundle_path, chunk_s=chunk_s, progress=not quiet, threads=threads)
+    spikes, dt = sort_recording(rec, bundle_path, chunk_s=chunk_s, progress=not quiet, threads=threads,
+                                track_rate=track_rate)
     save_spikes(out, spikes, rec.sampling_rate)
     n_un = int(np.sum(spikes["unit"] < 0))
     print(f"{spikes.size} spikes ({n_un} unassigned) in {rec.duration_s:.1f} s of {rec.n_channels} channels; "
@@ -254,7 +258,7 @@ def _sort(recording_path: Path, bundle_path: Path, out: Path, chunk_s: float, th
 
 
 def _cmd_sort(args) -> int:
-    _sort(args.recording, args.bundle, args.out, args.chunk_s, args.threads, args.quiet)
+    _sort(args.recording, args.bundle, args.out, args.chunk_s, args.threads, args.quiet, args.track_rate)
     return 0
 
 
@@ -406,6 +410,8 @@ def _add_run(sub):
     p.add_argument("--max-lag-ms", type=float, default=50.0,
                    help="overload policy: chunks later than this are detected but not encoded (spikes leave as "
                         "-1, counted); 0 turns it off")
+    p.add_argument("--track-rate", type=float, metavar="RATE",
+                   help="let centroids follow slow drift (0-1; overrides the bundle's [assign] track_rate)")
     p.add_argument("--realtime", action="store_true",
                    help="ask for real-time scheduling (SCHED_FIFO; needs root, CAP_SYS_NICE or an rtprio limit; "
                         "a warning, not an error, when refused)")
@@ -421,7 +427,7 @@ def _cmd_run(args) -> int:
 
     stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
                        args.speed, args.threads, resolve_timeout=args.resolve_timeout,
-                       max_lag_ms=args.max_lag_ms or None)
+                       max_lag_ms=args.max_lag_ms or None, track_rate=args.track_rate)
     c, lat = stats["compute_ms"], stats["trough_to_emit_ms"]
     print(f"{stats['chunks']} chunks, {stats['spikes']} spikes ({stats['unassigned']} unassigned, "
           f"{stats['skipped_encoding']} not encoded in {stats['late_chunks']} late chunks), "

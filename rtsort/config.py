@@ -183,6 +183,26 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class AssignConfig:
+    """Runtime labelling. ``track_rate`` > 0 lets centroids follow slow drift.
+
+    A spike within ``track_within`` x its centroid's rejection radius moves that
+    centroid by ``track_rate`` x (spike - centroid), spike by spike in stream
+    order (so the labels stay the same for any chunking). 0 keeps the centroids
+    fixed, as trained.
+    """
+
+    track_rate: float = 0.0
+    track_within: float = 0.5
+
+    def __post_init__(self):
+        for name in ("track_rate", "track_within"):
+            v = getattr(self, name)
+            if not (isinstance(v, float) and 0 <= v <= 1):
+                raise ConfigError(f"assign.{name} must be a number in [0, 1], got {v!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Every stage's configuration."""
 
@@ -191,6 +211,7 @@ class Config:
     snippets: SnippetConfig = field(default_factory=SnippetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,7 +233,7 @@ class Config:
 
 
 _SECTION_TYPES = {"preprocess": PreprocessConfig, "detect": DetectConfig, "snippets": SnippetConfig,
-                  "train": TrainConfig, "cluster": ClusterConfig}
+                  "train": TrainConfig, "cluster": ClusterConfig, "assign": AssignConfig}
 
 
 def _section_from_dict(cls, name: str, data: Any):

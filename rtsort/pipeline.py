@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .assign import Assigner
 from .bundle import Bundle, load_bundle
+from .config import AssignConfig
 from .errors import BundleError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
@@ -65,15 +66,21 @@ class Pipeline:
         Conversion of the incoming samples to uV.
     threads : int
         onnxruntime intra-op threads (1 keeps the other core for I/O).
+    track_rate : float, optional
+        Centroid tracking for drift (``[assign] track_rate``); None takes the bundle's.
     """
 
-    def __init__(self, bundle, gains_to_uV=1.0, offsets_to_uV=0.0, threads: int = 1):
+    def __init__(self, bundle, gains_to_uV=1.0, offsets_to_uV=0.0, threads: int = 1,
+                 track_rate: float | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         b = self.bundle
+        track = b.config.assign if track_rate is None else AssignConfig(float(track_rate),
+                                                                        b.config.assign.track_within)
         self.front = FrontEnd(b.config, b.probe, b.sampling_rate, gains_to_uV, offsets_to_uV,
                               noise_levels=b.noise_levels)
         self.featurizer = make_featurizer(b, self.front, threads)
-        self.assigner = Assigner(b.centroids, b.centroid_unit, b.centroid_radius)
+        self.assigner = Assigner(b.centroids, b.centroid_unit, b.centroid_radius, track.track_rate,
+                                 track.track_within)
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
@@ -83,8 +90,9 @@ class Pipeline:
         """Compile the kernels and run the encoder once, so the first chunk is not slow."""
         self.front.warmup()
         s = self.front.snippets
-        self.assigner.assign(self.featurizer(np.zeros((2, s.n_samples, s.k_channels), np.float32),
-                                             np.zeros(2, np.int64)))
+        a = self.assigner  # a scratch copy: warming up must not move tracked centroids
+        Assigner(a.centroids, a.centroid_unit, a.radius, a.track_rate, a.track_within).assign(
+            self.featurizer(np.zeros((2, s.n_samples, s.k_channels), np.float32), np.zeros(2, np.int64)))
 
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
@@ -126,11 +134,12 @@ class Pipeline:
         return labelled(ev, unit, dist)
 
 
-def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = True, threads: int = 1):
+def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = True, threads: int = 1,
+                   track_rate: float | None = None):
     """Sort a whole recording through :class:`Pipeline`; return (spikes, seconds of compute)."""
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     bundle.check_recording(recording)
-    pipe = Pipeline(bundle, recording.gains_to_uV, recording.offsets_to_uV, threads)
+    pipe = Pipeline(bundle, recording.gains_to_uV, recording.offsets_to_uV, threads, track_rate)
     pipe.warmup()
     chunk = max(1, int(chunk_s * recording.sampling_rate))
     pieces = []
@@ -179,7 +188,8 @@ def percentiles(values, scale: float = 1.0) -> dict:
 
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
                chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
-               resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0) -> dict:
+               resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0,
+               track_rate: float | None = None) -> dict:
     """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
 
     Overload policy: when a live chunk arrives more than ``max_lag_ms`` after
@@ -198,7 +208,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     from .streams.replay import now
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    pipe = Pipeline(bundle, 1.0, 0.0, threads)  # compiled and warm before the source starts buffering
+    pipe = Pipeline(bundle, 1.0, 0.0, threads, track_rate)  # compiled and warm before the source starts buffering
     pipe.warmup()
     fs = bundle.sampling_rate
     outs = [open_sink(s, fs) for s in sinks]  # consumers can connect before the first sample

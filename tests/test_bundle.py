@@ -188,3 +188,21 @@ def test_phy_export_and_curation_round_trip(small_sim, trained, tmp_path):
     (other / "manifest.json").write_text((other / "manifest.json").read_text().replace('"created"', '"created" ', 1))
     with pytest.raises(BundleError, match="exported from bundle"):
         apply_curation(other, phy, rec, tmp_path / "x", progress=False)
+
+
+def test_centroid_tracking_is_chunk_invariant_and_moves_centroids(small_sim, trained):
+    """With [assign] track_rate > 0, labels still do not depend on the chunking, and the centroids do follow."""
+    rec, _, _ = small_sim
+    a, _ = sort_recording(rec, trained[1], chunk_s=1.0, progress=False, track_rate=0.2)
+    b, _ = sort_recording(rec, trained[1], chunk_s=0.0137, progress=False, track_rate=0.2)
+    np.testing.assert_array_equal(a, b)
+    pipe = Pipeline(trained[1], rec.gains_to_uV, rec.offsets_to_uV, track_rate=0.2)
+    pipe.warmup()
+    before = pipe.assigner.centroids.copy()
+    np.testing.assert_array_equal(before, load_bundle(trained[1]).centroids)  # warming up moved nothing
+    pipe.process(rec.get_traces(0, rec.n_samples))
+    assert not np.array_equal(pipe.assigner.centroids, before)
+    static, _ = sort_recording(rec, trained[1], progress=False)
+    assert np.array_equal(static["sample_index"], a["sample_index"])
+    with pytest.raises(Exception, match="track_rate"):
+        Pipeline(trained[1], track_rate=1.5)
