@@ -19,8 +19,8 @@ def loopback_only() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """LSL tests run only where LSL discovery cannot leave loopback: inside tools/loopback.sh."""
-    if loopback_only() and os.environ.get("LSLAPICFG"):
+    """LSL tests run only where LSL discovery cannot leave loopback: in the namespace tools/loopback.sh makes."""
+    if os.environ.get("RTSORT_LOOPBACK_NETNS") == "1" and loopback_only() and os.environ.get("LSLAPICFG"):
         return
     skip = pytest.mark.skip(reason="LSL tests need a loopback-only namespace and LSLAPICFG: "
                                    "run pytest through tools/loopback.sh")
