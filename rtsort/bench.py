@@ -55,43 +55,50 @@ def machine_facts() -> dict:
     return facts
 
 
+def _simulation(folder: Path, n_channels: int, sampling_rate: float, seconds: float, progress: bool,
+                positions_um=None) -> tuple[Path, bool]:
+    """(recording, whether it was just written): a cached benchmark simulation at least 30 s long."""
+    from .sim import simulate
+
+    rec_path = folder / "recording.bin"
+    duration = max(30.0, seconds)
+    if rec_path.exists() and rec_path.stat().st_size >= int(duration * sampling_rate) * n_channels * 2:  # int16
+        return rec_path, False
+    log.info("simulating %g s on %d channels in %s (cached)", duration, n_channels, folder)
+    simulate(folder, n_channels, max(2, n_channels // 4), duration, seed=11, sampling_rate=sampling_rate,
+             progress=progress, positions_um=positions_um)
+    return rec_path, True
+
+
 def bench_recording(bundle: Path, seconds: float, progress: bool = True) -> Path:
     """A simulated recording on a bundle's own probe and rate (cached per bundle), to run that bundle over."""
     from .bundle import load_bundle
-    from .sim import simulate
 
     b = load_bundle(bundle)
     key = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:16]
-    folder = cache_dir() / f"for_bundle_{key}"
-    rec_path = folder / "recording.bin"
-    duration = max(30.0, seconds)
-    if not (rec_path.exists() and rec_path.stat().st_size >= int(duration * b.sampling_rate) * b.n_channels * 2):
-        log.info("simulating %g s on the bundle's %d-channel probe in %s (cached)", duration, b.n_channels, folder)
-        simulate(folder, b.n_channels, max(2, b.n_channels // 4), duration, seed=11, sampling_rate=b.sampling_rate,
-                 progress=progress, positions_um=b.probe.positions_um)
-    return rec_path
+    return _simulation(cache_dir() / f"for_bundle_{key}", b.n_channels, b.sampling_rate, seconds, progress,
+                       b.probe.positions_um)[0]
 
 
 def bench_data(n_channels: int, sampling_rate: float, seconds: float, progress: bool = True) -> tuple[Path, Path]:
-    """(recording, bundle) for a channel count: simulated and trained once, then cached."""
+    """(recording, bundle) for a channel count: simulated and trained once, then cached.
+
+    A cached bundle trained from another recording, or with other defaults
+    (another rtsort version), is trained again.
+    """
     from .config import Config
-    from .sim import simulate
 
     folder = cache_dir() / f"{n_channels}ch_{sampling_rate:g}Hz"
-    rec_path, bundle = folder / "recording.bin", folder / "bundle"
-    duration = max(30.0, seconds)
+    bundle = folder / "bundle"
+    rec_path, fresh = _simulation(folder, n_channels, sampling_rate, seconds, progress)
     cfg = Config.from_dict({"train": {"epochs": 5, "max_snippets": 4000}})
-    ok = (bundle / "manifest.json").exists() and rec_path.exists() and \
-        rec_path.stat().st_size >= int(duration * sampling_rate) * n_channels * 2
-    if ok:  # a bundle cached by another version (other defaults, another schema) is rebuilt
-        ok = json.loads((bundle / "manifest.json").read_text()).get("config") == cfg.to_dict()
-    if not ok:
+    manifest = bundle / "manifest.json"
+    if fresh or not manifest.exists() or json.loads(manifest.read_text()).get("config") != cfg.to_dict():
+        from .io import open_recording
         from .train import train_bundle
 
-        log.info("building a %d-channel benchmark recording and bundle in %s (cached)", n_channels, folder)
-        rec = simulate(folder, n_channels, max(2, n_channels // 4), duration, seed=11, sampling_rate=sampling_rate,
-                       progress=progress)
-        train_bundle(rec, bundle, cfg, seed=0, progress=progress)
+        log.info("training the %d-channel benchmark bundle in %s (cached)", n_channels, bundle)
+        train_bundle(open_recording(rec_path), bundle, cfg, seed=0, progress=progress)
     return rec_path, bundle
 
 

@@ -147,14 +147,12 @@ class Featurizer:
     def __init__(self, encoder: Encoder, channel_index, relative_positions, positions, voltage_noise,
                  latent_scale: float, position_scale_um: float):
         self.encoder = encoder
-        self.channel_index = np.asarray(channel_index)
-        self.relative_positions = np.asarray(relative_positions, dtype=np.float32)
-        self.positions = np.asarray(positions, dtype=np.float32)
+        self.channel_index = np.ascontiguousarray(channel_index, dtype=np.int64)
+        self.relative_positions = np.ascontiguousarray(relative_positions, dtype=np.float32)
+        self.positions = np.ascontiguousarray(positions, dtype=np.float32)
         self.voltage_noise = np.asarray(voltage_noise, dtype=np.float32)
         with np.errstate(divide="ignore"):
             self._inv_noise = (1.0 / self.voltage_noise).astype(np.float32)  # inf noise (flat channel) -> 0
-        self.channel_index = np.ascontiguousarray(self.channel_index, dtype=np.int64)
-        self.positions = np.ascontiguousarray(self.positions, dtype=np.float32)
         self.latent_scale = np.float32(latent_scale)
         self.position_scale = np.float32(position_scale_um)
         self.n_features = int(encoder.latent_dim) + 2

@@ -50,16 +50,16 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
         .assign(features)[0]
     kept = sorted(c for c in np.unique(clusters) if groups.get(int(c), "unsorted") != NOISE)
     unit_of_cluster = {int(c): i for i, c in enumerate(kept)}
-    pair = old.astype(np.int64) * (int(clusters.max()) + 1) + clusters
-    ids, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+    span = int(clusters.max()) + 1
+    ids, inverse, counts = np.unique(old.astype(np.int64) * span + clusters, return_inverse=True, return_counts=True)
     big = counts >= b.config.cluster.min_cluster_size
-    group_of_pair = np.full(ids.size, -1, np.int64)
-    group_of_pair[big] = np.arange(int(big.sum()))
-    groups_of_spike = group_of_pair[inverse]
     n_groups = int(big.sum())
     if n_groups == 0:
         raise BundleError(f"{phy_dir}: no cluster keeps {b.config.cluster.min_cluster_size} spikes")
-    cluster_of_group = clusters[np.array([np.flatnonzero(groups_of_spike == g)[0] for g in range(n_groups)])]
+    group_of_pair = np.full(ids.size, -1, np.int64)
+    group_of_pair[big] = np.arange(n_groups)
+    groups_of_spike = group_of_pair[inverse]
+    cluster_of_group = ids[big] % span  # each kept (old centroid, curated cluster) pair's cluster
     centroid_unit = np.array([unit_of_cluster.get(int(c), -1) for c in cluster_of_group], np.int32)
     centroids, radius = centroids_and_radii(features, groups_of_spike, n_groups, features, b.config.cluster)
     labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
