@@ -1,26 +1,48 @@
-"""Nearest-centroid labelling with a rejection radius per centroid.
+"""Labelling: nearest centroid with a rejection radius, then the unit whose template fits best.
 
 A unit may own several centroids (clusters merged into one unit at training
 keep their own centroids, so a unit whose spikes peak on two channels is not
 forced into one blob). A spike farther from its nearest centroid than that
 centroid's radius is "unassigned" (-1), never guessed.
+
+The nearest centroids short-list the units a spike may belong to (the units
+of its ``template_candidates`` nearest centroids). A :class:`TemplateMatcher`
+then picks, among them, the unit whose mean waveform (the bundle's template,
+scaled by the best amplitude in ``AMPLITUDE_RANGE`` and shifted by up to
+``template_max_shift`` samples) explains most of the snippet's energy in noise
+units, and leaves the spike unassigned when even that explains less than
+``template_min_gain``. On the crowded simulated recording B this put 15 of
+24 units above 0.8 accuracy, against 13 with the nearest centroid alone
+(README, "accuracy").
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numba
 import numpy as np
 
+from .config import AssignConfig
 from .errors import BundleError
+
+AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a factor in this range
 
 
 @numba.njit(cache=True, nogil=True)
-def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist):
-    """Label spike by spike; with ``rate`` > 0 a confident spike pulls its centroid towards itself."""
+def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist, candidates):
+    """Label spike by spike; with ``rate`` > 0 a confident spike pulls its centroid towards itself.
+
+    ``candidates`` (k, n) receives the units of the n nearest centroids, nearest first.
+    """
     k, f_dim = features.shape
+    n_cand = candidates.shape[1]
+    top_d = np.empty(max(n_cand, 1), np.float64)
+    top_j = np.empty(max(n_cand, 1), np.int64)
     for i in range(k):
         best = np.inf
         arg = 0
+        n_top = 0
         for j in range(centroids.shape[0]):
             d = 0.0
             for f in range(f_dim):
@@ -29,6 +51,17 @@ def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dis
             if d < best:
                 best = d
                 arg = j
+            if n_cand > 0 and (n_top < n_cand or d < top_d[n_top - 1]):  # insertion into the sorted short list
+                m = min(n_top, n_cand - 1)
+                while m > 0 and top_d[m - 1] > d:
+                    top_d[m] = top_d[m - 1]
+                    top_j[m] = top_j[m - 1]
+                    m -= 1
+                top_d[m] = d
+                top_j[m] = j
+                n_top = min(n_top + 1, n_cand)
+        for m in range(n_cand):
+            candidates[i, m] = centroid_unit[top_j[m]] if m < n_top else -1
         dist[i] = np.sqrt(best)
         unit[i] = centroid_unit[arg] if dist[i] <= radius[arg] else -1
         if rate > 0.0 and dist[i] <= within * radius[arg]:
@@ -36,24 +69,116 @@ def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dis
                 centroids[arg, f] += rate * (features[i, f] - centroids[arg, f])
 
 
+@numba.njit(cache=True, nogil=True)
+def _match(xn, channels, channel_index, templates, candidates, amin, amax, max_shift, min_gain, unit, gain):
+    """For each spike not already rejected, the candidate unit whose scaled, shifted template explains most energy.
+
+    gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels.
+    """
+    k, t_len, n_k = xn.shape
+    for i in range(k):
+        gain[i] = np.nan
+        if unit[i] < 0:
+            continue
+        c = channels[i]
+        best_g = -np.inf
+        best_u = -1
+        for m in range(candidates.shape[1]):
+            u = candidates[i, m]
+            seen = u < 0
+            for mm in range(m):
+                seen = seen or candidates[i, mm] == u
+            if seen:
+                continue
+            for s in range(-max_shift, max_shift + 1):
+                dot = 0.0
+                nrm = 0.0
+                for t in range(max(0, s), min(t_len, t_len + s)):
+                    for j in range(n_k):
+                        w = templates[u, t - s, channel_index[c, j]]
+                        dot += xn[i, t, j] * w
+                        nrm += w * w
+                if nrm <= 0.0:
+                    continue
+                a = min(max(dot / nrm, amin), amax)
+                g = 2.0 * a * dot - a * a * nrm
+                if g > best_g:
+                    best_g = g
+                    best_u = u
+        gain[i] = best_g
+        unit[i] = best_u if best_g >= min_gain else -1
+
+
+class TemplateMatcher:
+    """Choose among candidate units by how well each unit's template explains a snippet.
+
+    Parameters
+    ----------
+    templates : ndarray (n_units, T, C)
+        Mean waveforms in uV on the probe's channels (the bundle's ``templates``).
+    voltage_noise : ndarray (C,)
+        Noise per channel in uV: templates are compared with snippets in noise units.
+    channel_index : ndarray (C, K)
+        Snippet channels of each peak channel.
+    max_shift : int
+        Samples of misalignment tried each way.
+    min_gain : float
+        Energy (noise units squared) the best template must explain, else the spike is unassigned.
+    """
+
+    def __init__(self, templates, voltage_noise, channel_index, max_shift: int = 1, min_gain: float = 20.0):
+        tm = np.asarray(templates, dtype=np.float32)
+        noise = np.asarray(voltage_noise, dtype=np.float32)
+        if tm.ndim != 3 or tm.shape[2] != noise.shape[0]:
+            raise BundleError(f"templates {tm.shape} do not fit {noise.shape[0]} channels")
+        with np.errstate(divide="ignore"):
+            inv = np.where(np.isfinite(noise) & (noise > 0), 1.0 / noise, 0.0).astype(np.float32)
+        self.templates = np.ascontiguousarray(tm * inv[None, None, :])
+        self.channel_index = np.ascontiguousarray(channel_index, dtype=np.int64)
+        self.max_shift = int(max_shift)
+        self.min_gain = float(min_gain)
+
+    @property
+    def n_samples(self) -> int:
+        return self.templates.shape[1]
+
+    def match(self, xn: np.ndarray, channels: np.ndarray, candidates: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        """Overwrite ``unit`` (k,) int32 in place with the best-fitting candidate (or -1); return the gains (k,)."""
+        gain = np.empty(unit.shape[0], np.float64)
+        if unit.shape[0]:
+            _match(np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
+                   self.channel_index, self.templates, np.ascontiguousarray(candidates, dtype=np.int32),
+                   AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.max_shift, self.min_gain, unit, gain)
+        return gain
+
+
 class Assigner:
-    """Label feature vectors by their nearest centroid.
+    """Label feature vectors by their nearest centroid, and by template fit among the nearest units.
 
     Parameters
     ----------
     centroids : ndarray (n, F) float32
     centroid_unit : ndarray (n,) int
-        The unit each centroid belongs to.
+        The unit each centroid belongs to (-1: a centroid of noise).
     radius : ndarray (n,) float32
         Rejection distance of each centroid (inf = never reject).
+    track_rate, track_within : float
+        Centroid tracking (``[assign]``).
+    matcher : TemplateMatcher, optional
+        With it, :meth:`assign` given the snippets picks among the units of the
+        ``candidates`` nearest centroids by template fit.
+    candidates : int
     """
 
-    def __init__(self, centroids, centroid_unit, radius, track_rate: float = 0.0, track_within: float = 0.5):
+    def __init__(self, centroids, centroid_unit, radius, track_rate: float = 0.0, track_within: float = 0.5,
+                 matcher: TemplateMatcher | None = None, candidates: int = 0):
         self.centroids = np.array(centroids, dtype=np.float32, order="C")  # a copy: tracking moves it
         self.centroid_unit = np.asarray(centroid_unit, dtype=np.int32)
         self.radius = np.asarray(radius, dtype=np.float32)
         self.track_rate = np.float32(track_rate)
         self.track_within = np.float32(track_within)
+        self.matcher = matcher if candidates > 0 else None
+        self.candidates = int(candidates) if matcher is not None else 0
         n = self.centroids.shape[0]
         if self.centroids.ndim != 2 or self.centroid_unit.shape != (n,) or self.radius.shape != (n,):
             raise BundleError(
@@ -65,13 +190,38 @@ class Assigner:
     def n_features(self) -> int:
         return self.centroids.shape[1]
 
-    def assign(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (unit (k,) int32 with -1 = unassigned, distance to the nearest centroid (k,) float32)."""
+    def copy(self) -> "Assigner":
+        """A scratch copy (its own centroids), for warming up without moving tracked centroids."""
+        return Assigner(self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within,
+                        self.matcher, self.candidates)
+
+    def assign(self, features: np.ndarray, xn: np.ndarray | None = None,
+               channels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (unit (k,) int32 with -1 = unassigned, distance to the nearest centroid (k,) float32).
+
+        ``xn`` (k, T, K) noise-unit snippets and their peak ``channels`` (k,) turn
+        on the template fit, when this assigner has a matcher.
+        """
         k = features.shape[0]
         if k == 0 or self.centroids.shape[0] == 0:
             return np.full(k, -1, np.int32), np.full(k, np.inf, np.float32)
         unit = np.empty(k, np.int32)
         dist = np.empty(k, np.float32)
+        use = self.matcher is not None and xn is not None
+        cand = np.empty((k, self.candidates if use else 0), np.int32)
         _nearest(np.ascontiguousarray(features, dtype=np.float32), self.centroids, self.centroid_unit, self.radius,
-                 self.track_rate, self.track_within, unit, dist)
+                 self.track_rate, self.track_within, unit, dist, cand)
+        if use:
+            self.matcher.match(xn, channels, cand, unit)
         return unit, dist
+
+
+def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, channel_index, cfg: AssignConfig,
+                  track_rate: float | None = None) -> Assigner:
+    """The labelling ``[assign]`` asks for: centroids, and the template fit unless ``template_candidates`` = 0."""
+    if track_rate is not None:
+        cfg = replace(cfg, track_rate=float(track_rate))  # validated as the config's own
+    matcher = TemplateMatcher(templates, voltage_noise, channel_index, cfg.template_max_shift,
+                              cfg.template_min_gain) if cfg.template_candidates > 0 else None
+    return Assigner(centroids, centroid_unit, radius, cfg.track_rate, cfg.track_within, matcher,
+                    cfg.template_candidates)

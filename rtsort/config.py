@@ -190,16 +190,29 @@ class AssignConfig:
     centroid by ``track_rate`` x (spike - centroid), spike by spike in stream
     order (so the labels stay the same for any chunking). 0 keeps the centroids
     fixed, as trained.
+
+    The nearest centroids short-list a spike's units; the one whose template
+    explains the snippet best takes it (``rtsort.assign``).
     """
 
     track_rate: float = 0.0
     track_within: float = 0.5
+    # the units of the template_candidates nearest centroids compete by template fit (0: nearest centroid alone);
+    # a spike whose best template explains less than template_min_gain (noise units squared) is unassigned
+    template_candidates: int = 5
+    template_min_gain: float = 20.0
+    template_max_shift: int = 1
 
     def __post_init__(self):
         for name in ("track_rate", "track_within"):
             v = getattr(self, name)
             if not (isinstance(v, float) and 0 <= v <= 1):
                 raise ConfigError(f"assign.{name} must be a number in [0, 1], got {v!r}")
+        for name in ("template_candidates", "template_max_shift"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 64:
+                raise ConfigError(f"assign.{name} must be an integer in [0, 64], got {v!r}")
+        _check_positive("assign.template_min_gain", self.template_min_gain, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,8 @@ class Featurizer:
         self.position_scale = np.float32(position_scale_um)
         self.n_features = int(encoder.latent_dim) + 2
 
-    def parts(self, waveforms: np.ndarray, channels: np.ndarray):
-        """(latents (k, D), locations (k, 2) um) of a batch of snippets (k, T, K) uV."""
+    def prepare(self, waveforms: np.ndarray, channels: np.ndarray):
+        """(snippets in noise units (k, T, K), relative positions (k, K, 2), locations (k, 2) um) of uV snippets."""
         k, t_len, n_k = waveforms.shape
         xn = np.empty((k, t_len, n_k), np.float32)
         rel = np.empty((k, n_k, 2), np.float32)
@@ -166,6 +166,11 @@ class Featurizer:
         _prepare(np.ascontiguousarray(waveforms, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                  self.channel_index, self._inv_noise, self.positions, self.relative_positions,
                  np.float32(LOCATION_FLOOR), xn, rel, loc)
+        return xn, rel, loc
+
+    def parts(self, waveforms: np.ndarray, channels: np.ndarray):
+        """(latents (k, D), locations (k, 2) um) of a batch of snippets (k, T, K) uV."""
+        xn, rel, loc = self.prepare(waveforms, channels)
         return self.encoder(xn, rel), loc
 
     def combine(self, latent: np.ndarray, locations: np.ndarray) -> np.ndarray:
@@ -174,8 +179,13 @@ class Featurizer:
         np.divide(locations, self.position_scale, out=out[:, -2:])
         return out
 
+    def encode(self, waveforms: np.ndarray, channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(feature vectors (k, D + 2), snippets in noise units (k, T, K)) of a batch of snippets (k, T, K) uV."""
+        xn, rel, loc = self.prepare(waveforms, channels)
+        if waveforms.shape[0] == 0:
+            return np.zeros((0, self.n_features), dtype=np.float32), xn
+        return self.combine(self.encoder(xn, rel), loc), xn
+
     def __call__(self, waveforms: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """Feature vectors (k, D + 2) of a batch of snippets (k, T, K) uV."""
-        if waveforms.shape[0] == 0:
-            return np.zeros((0, self.n_features), dtype=np.float32)
-        return self.combine(*self.parts(waveforms, channels))
+        return self.encode(waveforms, channels)[0]

@@ -2,7 +2,8 @@
 
 One :class:`Pipeline` per stream: the front end (preprocess -> detect ->
 snippets, the very objects training used), then every snippet completed by a
-chunk is encoded in one onnxruntime call and labelled by nearest centroid.
+chunk is encoded in one onnxruntime call and labelled: its nearest centroids
+short-list units, and the unit whose template fits it best takes it.
 ``rtsort sort`` runs the same object over a file in large chunks; chunk
 invariance makes its spikes and labels the same as a live stream's.
 """
@@ -16,9 +17,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .assign import Assigner
+from .assign import make_assigner
 from .bundle import Bundle, load_bundle
-from .config import AssignConfig
 from .errors import BundleError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
@@ -74,13 +74,15 @@ class Pipeline:
                  track_rate: float | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         b = self.bundle
-        track = b.config.assign if track_rate is None else AssignConfig(float(track_rate),
-                                                                        b.config.assign.track_within)
         self.front = FrontEnd(b.config, b.probe, b.sampling_rate, gains_to_uV, offsets_to_uV,
                               noise_levels=b.noise_levels)
         self.featurizer = make_featurizer(b, self.front, threads)
-        self.assigner = Assigner(b.centroids, b.centroid_unit, b.centroid_radius, track.track_rate,
-                                 track.track_within)
+        if b.templates.shape[1] != self.front.snippets.n_samples:
+            raise BundleError(f"{b.path}: templates have {b.templates.shape[1]} samples, the bundle's snippets "
+                              f"{self.front.snippets.n_samples}")
+        self.assigner = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates,
+                                      b.noise_levels[1], self.front.snippets.channel_index, b.config.assign,
+                                      track_rate)
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
@@ -90,9 +92,9 @@ class Pipeline:
         """Compile the kernels and run the encoder once, so the first chunk is not slow."""
         self.front.warmup()
         s = self.front.snippets
-        a = self.assigner  # a scratch copy: warming up must not move tracked centroids
-        Assigner(a.centroids, a.centroid_unit, a.radius, a.track_rate, a.track_within).assign(
-            self.featurizer(np.zeros((2, s.n_samples, s.k_channels), np.float32), np.zeros(2, np.int64)))
+        ch = np.zeros(2, np.int64)
+        features, xn = self.featurizer.encode(np.zeros((2, s.n_samples, s.k_channels), np.float32), ch)
+        self.assigner.copy().assign(features, xn, ch)  # a scratch copy: warming up must not move tracked centroids
 
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
@@ -125,9 +127,9 @@ class Pipeline:
             self.n_skipped += ev.size
             self.n_unassigned += ev.size
             return labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
-        features = self.featurizer(out.waveforms, ev["channel"])
+        features, xn = self.featurizer.encode(out.waveforms, ev["channel"])
         t3 = time.perf_counter_ns()
-        unit, dist = self.assigner.assign(features)
+        unit, dist = self.assigner.assign(features, xn, ev["channel"])
         st[3] = t3 - t2
         st[4] = time.perf_counter_ns() - t3
         self.n_unassigned += int(np.count_nonzero(unit < 0))

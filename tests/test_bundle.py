@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rtsort.assign import Assigner
+from rtsort.assign import AMPLITUDE_RANGE, Assigner, TemplateMatcher
 from rtsort.bundle import load_bundle
 from rtsort.errors import BundleError
 from rtsort.io import write_recording
@@ -91,6 +91,66 @@ def test_assigner_rejects_beyond_radius_and_maps_centroids_to_units():
     np.testing.assert_allclose(dist[:3], [0.5, 0.9, 1.5], rtol=1e-5)
     unit, dist = a.assign(np.zeros((0, 2), np.float32))
     assert unit.shape == (0,)
+
+
+def _gain_reference(x, templates_n, channel_index, channel, unit, max_shift):
+    """NumPy definition of the template fit: best over shifts of 2 a <x, T> - a^2 |T|^2, a clipped."""
+    lo, hi = AMPLITUDE_RANGE
+    t_len = x.shape[0]
+    best = -np.inf
+    for s in range(-max_shift, max_shift + 1):
+        tm = np.zeros_like(x)
+        src = templates_n[unit][:, channel_index[channel]]
+        if s >= 0:
+            tm[s:] = src[:t_len - s]
+        else:
+            tm[:s] = src[-s:]
+        dot, nrm = float((x * tm).sum()), float((tm * tm).sum())
+        if nrm > 0:
+            a = min(max(dot / nrm, lo), hi)
+            best = max(best, 2 * a * dot - a * a * nrm)
+    return best
+
+
+def test_template_fit_picks_the_unit_whose_template_explains_the_snippet():
+    """The compiled fit against its NumPy definition, the short list of nearest centroids, and the rejection."""
+    rng = np.random.default_rng(1)
+    n_units, t_len, n_chan, k_chan = 4, 30, 6, 3
+    noise = rng.uniform(5, 15, n_chan).astype(np.float32)
+    templates = (rng.normal(size=(n_units, t_len, n_chan)) * 40).astype(np.float32)
+    channel_index = np.array([[(c + j) % n_chan for j in range(k_chan)] for c in range(n_chan)])
+    matcher = TemplateMatcher(templates, noise, channel_index, max_shift=1, min_gain=20.0)
+    tn = templates / noise
+    k = 60
+    truth = rng.integers(0, n_units, k)
+    channel = rng.integers(0, n_chan, k)
+    shift = rng.integers(-1, 2, k)
+    x = np.stack([np.roll(tn[u][:, channel_index[c]], s, axis=0) * rng.uniform(0.8, 1.2)
+                  for u, c, s in zip(truth, channel, shift)]) + rng.normal(size=(k, t_len, k_chan))
+    x = x.astype(np.float32)
+    x[-5:] = rng.normal(size=(5, t_len, k_chan))  # noise alone: nothing explains it
+    candidates = np.tile(np.arange(n_units, dtype=np.int32), (k, 1))
+    unit = np.zeros(k, np.int32)
+    gain = matcher.match(x, channel, candidates, unit)
+    want = np.array([[_gain_reference(x[i], tn, channel_index, channel[i], u, 1) for u in range(n_units)]
+                     for i in range(k)])
+    np.testing.assert_allclose(gain, want.max(axis=1), rtol=1e-4)
+    np.testing.assert_array_equal(unit[:-5], truth[:-5])
+    assert np.all(unit[-5:] == -1)
+    # already rejected spikes stay rejected; a short list without the true unit cannot produce it
+    unit = np.full(k, -1, np.int32)
+    matcher.match(x, channel, candidates, unit)
+    assert np.all(unit == -1)
+    unit = np.zeros(k, np.int32)
+    matcher.match(x, channel, np.where(candidates == truth[:, None], -1, candidates), unit)
+    assert not np.any(unit == truth)
+    # the Assigner's short list is the units of the nearest centroids, nearest first
+    cents = np.array([[0, 0], [1, 0], [5, 0], [9, 0]], np.float32)
+    a = Assigner(cents, [0, 1, 2, 3], [np.inf] * 4, matcher=matcher, candidates=2)
+    feats = np.zeros((k, 2), np.float32)
+    feats[:, 0] = np.where(truth < 2, 0.4, 7.5)  # the two nearest centroids hold the truth for units 0, 1, 2, 3
+    unit, _ = a.assign(feats, x, channel)
+    np.testing.assert_array_equal(unit[:-5], truth[:-5])
 
 
 def test_pipeline_chunk_by_chunk(small_sim, trained):

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering
 
-from ..assign import Assigner
-from ..config import ClusterConfig
+from ..assign import Assigner, make_assigner
+from ..config import AssignConfig, ClusterConfig
 
 log = logging.getLogger("rtsort.train")
 
@@ -182,3 +182,25 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
     log.info("%d groups merged into %d units; %.1f%% of spikes unassigned", n_groups, n_units,
              100.0 * np.mean(labels < 0))
     return Clustering(centroids, centroid_unit, radius, labels, n_groups)
+
+
+def label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, channels, channel_index, voltage_noise,
+                 n_units: int, cfg: AssignConfig):
+    """The runtime's labels of the training spikes, and the templates (n_units, T, C) in uV it will fit.
+
+    Mean waveforms of the nearest-centroid labels give a first template fit;
+    the means of those labels are the templates kept, and the labels returned
+    are what the runtime (without tracking) gives with them.
+    """
+    n_channels = channel_index.shape[0]
+    def means(lab):
+        return templates_on_probe(waveforms, channels, channel_index, lab, n_units, n_channels)[0].transpose(0, 2, 1)
+
+    labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
+    tm = means(labels)
+    for r in range(2 if cfg.template_candidates > 0 else 0):
+        if r:
+            tm = means(labels)
+        labels = make_assigner(centroids, centroid_unit, radius, tm, voltage_noise, channel_index, cfg,
+                               0.0).assign(features, xn, channels)[0]
+    return labels, tm

@@ -21,10 +21,11 @@ import numpy as np
 from ..assign import Assigner
 from ..bundle import load_bundle, save_bundle
 from ..errors import BundleError
+from ..features import normalize_waveforms
 from ..frontend import snippets_recording
 from ..io.phy import manifest_digest, read_curation
 from ..pipeline import make_featurizer
-from .cluster import centroids_and_radii
+from .cluster import centroids_and_radii, label_spikes
 from .train import encode_all, unit_table
 
 log = logging.getLogger("rtsort.train")
@@ -62,9 +63,11 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     cluster_of_group = ids[big] % span  # each kept (old centroid, curated cluster) pair's cluster
     centroid_unit = np.array([unit_of_cluster.get(int(c), -1) for c in cluster_of_group], np.int32)
     centroids, radius = centroids_and_radii(features, groups_of_spike, n_groups, features, b.config.cluster)
-    labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
-    units, tm_uv = unit_table(labels, len(kept), events, waveforms, fe.snippets.channel_index, features, loc,
-                              b.noise_levels, recording, 0)
+    xn = normalize_waveforms(waveforms, events["channel"], fe.snippets.channel_index, b.noise_levels[1])
+    labels, templates = label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, events["channel"],
+                                     fe.snippets.channel_index, b.noise_levels[1], len(kept), b.config.assign)
+    units, _ = unit_table(labels, len(kept), events, waveforms, fe.snippets.channel_index, features, loc,
+                          b.noise_levels, recording, 0)
     for row, c in zip(units, kept):
         row["phy_cluster"] = int(c)
         row["phy_group"] = groups.get(int(c), "unsorted")
@@ -75,7 +78,7 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     training["curation"] = summary
     save_bundle(out_dir, config=b.config, sampling_rate=b.sampling_rate, probe=b.probe, noise_levels=b.noise_levels,
                 encoder_file=b.encoder_path, centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius,
-                templates=tm_uv.transpose(0, 2, 1), features=b.features, units=units, training=training,
+                templates=templates, features=b.features, units=units, training=training,
                 gain_to_uV=b.gain_to_uV)
     log.info("curated bundle written to %s: %d units -> %d, %d centroids", out_dir, b.n_units, len(kept), n_groups)
     return summary

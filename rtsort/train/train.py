@@ -23,7 +23,7 @@ from ..config import Config
 from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import snippets_recording
-from .cluster import cluster, templates_on_probe
+from .cluster import cluster, label_spikes, templates_on_probe
 from .metrics import unit_metrics
 
 log = logging.getLogger("rtsort.train")
@@ -130,9 +130,11 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         timings["cluster_s"] = time.perf_counter() - t3
 
         n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
-        units, tm_uv = unit_table(clu.labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
-                                  recording, seed)
-        spikes = labelled(events, clu.labels, np.zeros(events.size, np.float32))
+        labels, templates = label_spikes(clu.centroids, clu.centroid_unit, clu.radius, features, waveforms, xn,
+                                         channels, snip.channel_index, noise[1], n_units, config.assign)
+        units, _ = unit_table(labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
+                              recording, seed)
+        spikes = labelled(events, labels, np.zeros(events.size, np.float32))
         features_meta = {
             "kind": config.train.features,
             "latent_dim": int(encoder.latent_dim),
@@ -149,7 +151,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             "n_spikes": int(events.size),
             "n_fit_snippets": int(n_fit),
             "n_groups": int(clu.n_groups),
-            "unassigned_fraction": float(np.mean(clu.labels < 0)),
+            "unassigned_fraction": float(np.mean(labels < 0)),
             "seed": int(seed),
             "history": history,
             "timings_s": timings,
@@ -157,7 +159,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         save_bundle(out_dir, config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
                     noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
                     centroid_unit=clu.centroid_unit, centroid_radius=clu.radius,
-                    templates=tm_uv.transpose(0, 2, 1), features=features_meta, units=units, training=training,
+                    templates=templates, features=features_meta, units=units, training=training,
                     gain_to_uV=float(np.mean(recording.gains_to_uV)))
     log.info("bundle written to %s: %d units in %.1f s", out_dir, n_units, timings["total_s"])
     return TrainResult(out_dir, units, spikes, timings, history)
