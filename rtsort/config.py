@@ -69,10 +69,15 @@ class DetectConfig:
     ``trough_search_ms`` after the slope, requires that trough to be
     ``amp_threshold`` voltage-noise units deep, and applies a per-channel refractory
     period. Defaults were chosen by measurement (tools/detection_quality.py).
+
+    Events from ``candidate_threshold`` up to ``amp_threshold`` deep are
+    candidates: training does not learn from them, and the runtime emits one
+    only when a unit's template claims it (0: no candidates).
     """
 
     threshold: float = 2.5
     amp_threshold: float = 4.5
+    candidate_threshold: float = 3.0
     slope_ms: float = 0.2
     polarity: str = "neg"  # "neg", "pos" or "both"
     radius_um: float = 50.0
@@ -84,6 +89,7 @@ class DetectConfig:
     def __post_init__(self):
         _check_positive("detect.threshold", self.threshold)
         _check_positive("detect.amp_threshold", self.amp_threshold, allow_zero=True)
+        _check_positive("detect.candidate_threshold", self.candidate_threshold, allow_zero=True)
         _check_positive("detect.slope_ms", self.slope_ms)
         _check_choice("detect.polarity", self.polarity, ("neg", "pos", "both"))
         _check_positive("detect.radius_um", self.radius_um, allow_zero=True)
@@ -151,6 +157,7 @@ class ClusterConfig:
 
     min_cluster_size: int = 20
     min_samples: int = 10
+    selection: str = "eom"  # HDBSCAN's cluster_selection_method: "eom" (excess of mass) or "leaf" (finest)
     position_scale_um: float = 10.0  # 1 feature unit = this many um of spike position
     merge_threshold: float = 0.4  # relative template distance below which two clusters are one unit
     max_spikes: int = 40000  # clustering subsample; every spike is then assigned by nearest centroid
@@ -167,6 +174,8 @@ class ClusterConfig:
     def __post_init__(self):
         _check_positive("cluster.drift_merge_um", self.drift_merge_um, allow_zero=True)
         _check_positive("cluster.drift_bin_s", self.drift_bin_s)
+        if self.selection not in ("eom", "leaf"):
+            raise ConfigError(f"cluster.selection must be 'eom' or 'leaf', got {self.selection!r}")
         for name in ("drift_merge_similarity", "drift_merge_anticorrelation"):
             v = getattr(self, name)
             if not (isinstance(v, float) and 0 <= v <= 1):
@@ -198,9 +207,11 @@ class AssignConfig:
     track_rate: float = 0.0
     track_within: float = 0.5
     # the units of the template_candidates nearest centroids compete by template fit (0: nearest centroid alone);
-    # a spike whose best template explains less than template_min_gain (noise units squared) is unassigned
+    # the best fit must reach template_min_snr as a matched filter (<x, T> / |T|, noise units) and need the
+    # template scaled by at least template_min_scale, else the spike is unassigned (a candidate: dropped)
     template_candidates: int = 5
-    template_min_gain: float = 20.0
+    template_min_snr: float = 10.0
+    template_min_scale: float = 0.6
     template_max_shift: int = 1
 
     def __post_init__(self):
@@ -212,7 +223,8 @@ class AssignConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 64:
                 raise ConfigError(f"assign.{name} must be an integer in [0, 64], got {v!r}")
-        _check_positive("assign.template_min_gain", self.template_min_gain, allow_zero=True)
+        _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
+        _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)
 
 
 @dataclass(frozen=True)

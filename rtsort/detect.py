@@ -13,7 +13,9 @@ implement exactly this, and tests check they agree event for event):
 3. The event is aligned to the voltage trough (the peak for positive slopes)
    of channel c within ``trough_search_ms`` after t; its amplitude is the
    filtered voltage there, in uV, and it must be at least ``amp_threshold``
-   times the channel's voltage noise deep (a slope that ends nowhere is noise).
+   times the channel's voltage noise deep (a slope that ends nowhere is noise);
+   with ``candidate_threshold`` > 0, the lower of the two (events between them
+   are candidates that only a unit's template makes spikes: ``rtsort.pipeline``).
 4. Candidates are taken in order of t, then c; an event closer than
    ``refractory_ms`` to the previous accepted event on its channel is dropped.
 
@@ -42,7 +44,7 @@ class DetectParams:
     """The detector's configuration converted to samples for one sampling rate."""
 
     threshold: float
-    amp_threshold: float
+    amp_threshold: float  # the depth an event needs: the lower of amp_threshold and candidate_threshold
     slope: int
     sweep: int
     search: int
@@ -61,7 +63,8 @@ class DetectParams:
 
         return cls(
             threshold=float(cfg.threshold),
-            amp_threshold=float(cfg.amp_threshold),
+            amp_threshold=float(min(cfg.amp_threshold, cfg.candidate_threshold) if cfg.candidate_threshold > 0
+                                else cfg.amp_threshold),
             slope=max(1, samples(cfg.slope_ms)),
             sweep=samples(cfg.sweep_ms),
             search=samples(cfg.trough_search_ms),

@@ -153,11 +153,15 @@ def compare_detectors(filtered: np.ndarray, truth_index: np.ndarray, truth_unit:
 
     Returns ``{"rtsort_gradient": scores, "si_locally_exclusive": scores}`` (see
     :meth:`GroundTruth.score`). Without ``noise_levels`` the detector calibrates on
-    ``detect_cfg.noise_window_s`` of ``filtered``.
+    ``detect_cfg.noise_window_s`` of ``filtered``. rtsort's events are its
+    spikes: candidates (``candidate_threshold``) only become spikes when a
+    unit's template claims them, which a detector alone cannot do.
     """
+    from dataclasses import replace
+
     from .detect import GradientDetector
 
-    det = GradientDetector(detect_cfg, probe, sampling_rate, noise_levels)
+    det = GradientDetector(replace(detect_cfg, candidate_threshold=0.0), probe, sampling_rate, noise_levels)
     if noise_levels is None:
         det.calibrate(filtered[: int(detect_cfg.noise_window_s * sampling_rate)])
     truth = GroundTruth(truth_index, truth_unit, filtered, probe.positions_um, sampling_rate,

@@ -87,6 +87,11 @@ class FrontEnd:
     def noise_levels(self) -> np.ndarray | None:
         return self.detector.noise_levels
 
+    def spike_mask(self, events: np.ndarray) -> np.ndarray:
+        """Events deep enough (``detect.amp_threshold``) to be spikes by themselves; the others are candidates."""
+        depth = np.float32(self.config.detect.amp_threshold) * self.noise_levels[1]
+        return np.abs(events["amplitude"]) >= depth[events["channel"]]
+
     @property
     def latency_floor_ms(self) -> float:
         """The algorithmic wait after a trough before its spike can leave (detector or snippet)."""
@@ -186,8 +191,9 @@ def _front_end(recording: Recording, config: Config, noise_levels, snippets: boo
 
 
 def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
-                     noise_levels=None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Detect every event of a recording through the streaming front end.
+                     noise_levels=None, stop: int | None = None,
+                     candidates: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Detect every spike (with ``candidates``, every event) of a recording through the streaming front end.
 
     Returns
     -------
@@ -197,12 +203,14 @@ def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0,
     fe = _front_end(recording, config, noise_levels, snippets=False)
     pieces = [out.events for out in _stream(fe, recording, chunk_s, progress, stop, "detect")]
     events = np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)
+    if not candidates:
+        events = events[fe.spike_mask(events)]
     return events, fe.noise_levels
 
 
 def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
                        noise_levels=None, stop: int | None = None):
-    """Detect every event of a recording and cut its snippet, through the streaming front end.
+    """Detect every event of a recording (candidates too) and cut its snippet, through the streaming front end.
 
     Returns
     -------

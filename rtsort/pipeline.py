@@ -56,6 +56,11 @@ def make_featurizer(bundle: Bundle, front: FrontEnd, threads: int = 1) -> Featur
                       bundle.features["position_scale_um"])
 
 
+def spikes_kept(front: FrontEnd, events: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Which labelled events are spikes: the deep ones, and the candidates a unit's template claimed."""
+    return (unit >= 0) | front.spike_mask(events)
+
+
 class Pipeline:
     """Sort one stream with a bundle.
 
@@ -86,6 +91,8 @@ class Pipeline:
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
+        self.n_candidates_dropped = 0  # shallow events no template claimed: not spikes
+        self.n_candidates_claimed = 0  # shallow events a template claimed: spikes (in n_spikes)
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
     def warmup(self) -> None:
@@ -122,18 +129,27 @@ class Pipeline:
         st[3] = st[4] = 0
         if ev.size == 0:
             return _NO_SPIKES
-        self.n_spikes += ev.size
-        if not encode:
+        if not encode:  # candidates need a template to be spikes: only the deep events leave
+            ev = ev[self.front.spike_mask(ev)]
+            self.n_spikes += ev.size
             self.n_skipped += ev.size
             self.n_unassigned += ev.size
             return labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
         features, xn = self.featurizer.encode(out.waveforms, ev["channel"])
         t3 = time.perf_counter_ns()
         unit, dist = self.assigner.assign(features, xn, ev["channel"])
+        deep = self.front.spike_mask(ev)
+        keep = deep | (unit >= 0)
+        if not deep.all():
+            n_keep = int(np.count_nonzero(keep))
+            self.n_candidates_claimed += n_keep - int(np.count_nonzero(deep))
+            self.n_candidates_dropped += keep.size - n_keep
+            ev, unit, dist = ev[keep], unit[keep], dist[keep]
         st[3] = t3 - t2
         st[4] = time.perf_counter_ns() - t3
+        self.n_spikes += ev.size
         self.n_unassigned += int(np.count_nonzero(unit < 0))
-        return labelled(ev, unit, dist)
+        return labelled(ev, unit, dist) if ev.size else _NO_SPIKES
 
 
 def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = True, threads: int = 1,
@@ -285,7 +301,8 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         for sink in outs:
             sink.close()
         src.close()
-    counts.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped)
+    counts.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped,
+                  candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped)
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
     counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))

@@ -119,7 +119,7 @@ def test_template_fit_picks_the_unit_whose_template_explains_the_snippet():
     noise = rng.uniform(5, 15, n_chan).astype(np.float32)
     templates = (rng.normal(size=(n_units, t_len, n_chan)) * 40).astype(np.float32)
     channel_index = np.array([[(c + j) % n_chan for j in range(k_chan)] for c in range(n_chan)])
-    matcher = TemplateMatcher(templates, noise, channel_index, max_shift=1, min_gain=20.0)
+    matcher = TemplateMatcher(templates, noise, channel_index, max_shift=1, min_snr=10.0, min_scale=0.6)
     tn = templates / noise
     k = 60
     truth = rng.integers(0, n_units, k)
@@ -129,14 +129,16 @@ def test_template_fit_picks_the_unit_whose_template_explains_the_snippet():
                   for u, c, s in zip(truth, channel, shift)]) + rng.normal(size=(k, t_len, k_chan))
     x = x.astype(np.float32)
     x[-5:] = rng.normal(size=(5, t_len, k_chan))  # noise alone: nothing explains it
+    x[-6] = 0.3 * tn[truth[-6]][:, channel_index[channel[-6]]]  # a third of a template: a smaller neighbour's spike
+    assert (x[-6] * x[-6]).sum() ** 0.5 > 10  # it would pass the matched filter alone
     candidates = np.tile(np.arange(n_units, dtype=np.int32), (k, 1))
     unit = np.zeros(k, np.int32)
     gain = matcher.match(x, channel, candidates, unit)
     want = np.array([[_gain_reference(x[i], tn, channel_index, channel[i], u, 1) for u in range(n_units)]
                      for i in range(k)])
-    np.testing.assert_allclose(gain, want.max(axis=1), rtol=1e-4)
-    np.testing.assert_array_equal(unit[:-5], truth[:-5])
-    assert np.all(unit[-5:] == -1)
+    np.testing.assert_allclose(gain, want.max(axis=1), rtol=1e-4, atol=1e-2)
+    np.testing.assert_array_equal(unit[:-6], truth[:-6])
+    assert np.all(unit[-6:] == -1)
     # already rejected spikes stay rejected; a short list without the true unit cannot produce it
     unit = np.full(k, -1, np.int32)
     matcher.match(x, channel, candidates, unit)
@@ -150,7 +152,7 @@ def test_template_fit_picks_the_unit_whose_template_explains_the_snippet():
     feats = np.zeros((k, 2), np.float32)
     feats[:, 0] = np.where(truth < 2, 0.4, 7.5)  # the two nearest centroids hold the truth for units 0, 1, 2, 3
     unit, _ = a.assign(feats, x, channel)
-    np.testing.assert_array_equal(unit[:-5], truth[:-5])
+    np.testing.assert_array_equal(unit[:-6], truth[:-6])
 
 
 def test_pipeline_chunk_by_chunk(small_sim, trained):
@@ -236,7 +238,11 @@ def test_phy_export_and_curation_round_trip(small_sim, trained, tmp_path):
     assert nb.n_units == summary["units_after"] == b.n_units - 2  # one merged away, one called noise
     assert (nb.centroid_unit == -1).any()
     new, _ = sort_recording(rec, out, progress=False)
-    assert np.array_equal(new["sample_index"], spikes["sample_index"])
+    # the deep spikes are the same; shallow candidates are spikes only when a unit's template claims them
+    key = lambda s: s["sample_index"] * 1000 + s["channel"]  # noqa: E731
+    _, i_new, i_old = np.intersect1d(key(new), key(spikes), return_indices=True)
+    assert i_old.size >= 0.95 * spikes.size
+    new, curated = new[i_new], curated[i_old]
     phy_of_unit = {u["unit"]: u["phy_cluster"] for u in nb.units}
     relabelled = np.array([phy_of_unit.get(int(u), -1) for u in new["unit"]])
     want = np.where(curated == b.n_units, -1, curated)  # what the curator asked for, in Phy's ids
@@ -263,6 +269,9 @@ def test_centroid_tracking_is_chunk_invariant_and_moves_centroids(small_sim, tra
     pipe.process(rec.get_traces(0, rec.n_samples))
     assert not np.array_equal(pipe.assigner.centroids, before)
     static, _ = sort_recording(rec, trained[1], progress=False)
-    assert np.array_equal(static["sample_index"], a["sample_index"])
+    b = load_bundle(trained[1])
+    depth = np.float32(b.config.detect.amp_threshold) * b.noise_levels[1].astype(np.float32)
+    deep = lambda s: s[np.abs(s["amplitude"]) >= depth[s["channel"]]]  # noqa: E731  (candidates may differ)
+    assert np.array_equal(deep(static)["sample_index"], deep(a)["sample_index"])
     with pytest.raises(Exception, match="track_rate"):
         Pipeline(trained[1], track_rate=1.5)

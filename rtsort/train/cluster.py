@@ -150,7 +150,8 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
     n = features.shape[0]
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, cfg.max_spikes, replace=False)) if n > cfg.max_spikes else np.arange(n)
-    groups = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples, copy=True).fit_predict(features[sub])
+    groups = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples,
+                     cluster_selection_method=cfg.selection, copy=True).fit_predict(features[sub])
     n_groups = int(groups.max()) + 1
     log.info("HDBSCAN: %d groups from %d spikes (%.0f%% left as noise)", n_groups, sub.size,
              100.0 * np.mean(groups < 0))
@@ -185,15 +186,21 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
 
 
 def label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, channels, channel_index, voltage_noise,
-                 n_units: int, cfg: AssignConfig):
+                 n_units: int, cfg: AssignConfig, core: np.ndarray | None = None):
     """The runtime's labels of the training spikes, and the templates (n_units, T, C) in uV it will fit.
 
     Mean waveforms of the nearest-centroid labels give a first template fit;
     the means of those labels are the templates kept, and the labels returned
-    are what the runtime (without tracking) gives with them.
+    are what the runtime (without tracking) gives with them. Only the spikes
+    in ``core`` (indices; default all) make the means: shallow events, mostly
+    noise, are labelled but do not shape the templates.
     """
     n_channels = channel_index.shape[0]
+    keep = np.zeros(features.shape[0], bool)
+    keep[slice(None) if core is None else core] = True
+
     def means(lab):
+        lab = np.where(keep, lab, -1)
         return templates_on_probe(waveforms, channels, channel_index, lab, n_units, n_channels)[0].transpose(0, 2, 1)
 
     labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assign import Assigner
+from ..assign import Assigner, make_assigner
 from ..bundle import load_bundle, save_bundle
 from ..errors import BundleError
 from ..features import normalize_waveforms
 from ..frontend import snippets_recording
 from ..io.phy import manifest_digest, read_curation
-from ..pipeline import make_featurizer
+from ..pipeline import make_featurizer, spikes_kept
 from .cluster import centroids_and_radii, label_spikes
 from .train import encode_all, unit_table
 
@@ -41,12 +41,19 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
         raise BundleError(f"{phy_dir} was exported from bundle {info.get('bundle')}, not from {b.path}")
     b.check_recording(recording)
     events, waveforms, fe = snippets_recording(recording, b.config, progress=progress, noise_levels=b.noise_levels)
-    if events.size != times.size or not np.array_equal(events["sample_index"], times):
-        raise BundleError(f"{phy_dir}: its {times.size} spikes are not this bundle's {events.size} spikes of "
-                          f"{recording.source} (another recording, or a folder edited outside Phy)")
+    ci = fe.snippets.channel_index
     featurizer = make_featurizer(b, fe)
     latent, loc = encode_all(featurizer, waveforms, events["channel"], progress)
     features = featurizer.combine(latent, loc)
+    xn = normalize_waveforms(waveforms, events["channel"], ci, b.noise_levels[1])
+    # the spikes the bundle emitted (Phy's spikes): every deep event, and the candidates a template claimed
+    exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates, b.noise_levels[1], ci,
+                             b.config.assign, 0.0).assign(features, xn, events["channel"])[0]
+    sel = spikes_kept(fe, events, exported)
+    events, waveforms, features, loc, xn = events[sel], waveforms[sel], features[sel], loc[sel], xn[sel]
+    if events.size != times.size or not np.array_equal(events["sample_index"], times):
+        raise BundleError(f"{phy_dir}: its {times.size} spikes are not this bundle's {events.size} spikes of "
+                          f"{recording.source} (another recording, or a folder edited outside Phy)")
     old = Assigner(b.centroids, np.arange(b.centroids.shape[0]), np.full(b.centroids.shape[0], np.inf)) \
         .assign(features)[0]
     kept = sorted(c for c in np.unique(clusters) if groups.get(int(c), "unsorted") != NOISE)
@@ -63,17 +70,18 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     cluster_of_group = ids[big] % span  # each kept (old centroid, curated cluster) pair's cluster
     centroid_unit = np.array([unit_of_cluster.get(int(c), -1) for c in cluster_of_group], np.int32)
     centroids, radius = centroids_and_radii(features, groups_of_spike, n_groups, features, b.config.cluster)
-    xn = normalize_waveforms(waveforms, events["channel"], fe.snippets.channel_index, b.noise_levels[1])
     labels, templates = label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, events["channel"],
-                                     fe.snippets.channel_index, b.noise_levels[1], len(kept), b.config.assign)
-    units, _ = unit_table(labels, len(kept), events, waveforms, fe.snippets.channel_index, features, loc,
+                                     ci, b.noise_levels[1], len(kept), b.config.assign,
+                                     np.flatnonzero(fe.spike_mask(events)))
+    now = spikes_kept(fe, events, labels)  # what the curated bundle will emit
+    units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
                           b.noise_levels, recording, 0)
     for row, c in zip(units, kept):
         row["phy_cluster"] = int(c)
         row["phy_group"] = groups.get(int(c), "unsorted")
     summary = {"phy_dir": str(Path(phy_dir).resolve()), "units_before": b.n_units, "units_after": len(kept),
                "noise_clusters": sorted(int(c) for c in np.unique(clusters) if groups.get(int(c)) == NOISE),
-               "centroids": n_groups, "unassigned_fraction": float(np.mean(labels < 0))}
+               "centroids": n_groups, "unassigned_fraction": float(np.mean(labels[now] < 0))}
     training = dict(b.manifest.get("training", {}))
     training["curation"] = summary
     save_bundle(out_dir, config=b.config, sampling_rate=b.sampling_rate, probe=b.probe, noise_levels=b.noise_levels,

@@ -75,7 +75,7 @@ def unit_table(labels, n_units: int, events, waveforms, channel_index, features,
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
                  progress: bool = True) -> TrainResult:
     """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring)."""
-    from ..pipeline import labelled
+    from ..pipeline import labelled, spikes_kept
 
     config = config or Config()
     out_dir = Path(out_dir)
@@ -83,17 +83,20 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
     t0 = time.perf_counter()
     events, waveforms, fe = snippets_recording(recording, config, progress=progress)
     timings["detect_s"] = time.perf_counter() - t0
-    if events.size < MIN_SPIKES:
-        raise RecordingError(f"{recording.source}: only {events.size} spikes detected in "
-                             f"{recording.duration_s:.1f} s; at least {MIN_SPIKES} are needed to train")
-    log.info("%d spikes in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
+    log.info("%d events in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
     snip = fe.snippets
     channels = events["channel"]
     noise = fe.noise_levels
     xn = normalize_waveforms(waveforms, channels, snip.channel_index, noise[1])
+    # units are learnt from the spikes; the shallower candidates are labelled by template fit, as at run time
+    core = np.flatnonzero(fe.spike_mask(events))
+    if core.size < MIN_SPIKES:
+        raise RecordingError(f"{recording.source}: only {core.size} spikes detected in "
+                             f"{recording.duration_s:.1f} s; at least {MIN_SPIKES} are needed to train")
+    log.info("%d spikes and %d shallower candidates", core.size, events.size - core.size)
     rng = np.random.default_rng(seed)
-    n_fit = min(events.size, config.train.max_snippets)
-    fit_idx = np.sort(rng.choice(events.size, n_fit, replace=False))
+    n_fit = min(core.size, config.train.max_snippets)
+    fit_idx = np.sort(rng.choice(core, n_fit, replace=False))
 
     t1 = time.perf_counter()
     history: dict = {}
@@ -125,16 +128,17 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         timings["encode_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        clu = cluster(features, xn, channels, snip.channel_index, recording.probe.positions_um, config.cluster, seed,
-                      times_s=events["sample_index"] / recording.sampling_rate)
+        clu = cluster(features[core], xn[core], channels[core], snip.channel_index, recording.probe.positions_um,
+                      config.cluster, seed, times_s=events["sample_index"][core] / recording.sampling_rate)
         timings["cluster_s"] = time.perf_counter() - t3
 
         n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
         labels, templates = label_spikes(clu.centroids, clu.centroid_unit, clu.radius, features, waveforms, xn,
-                                         channels, snip.channel_index, noise[1], n_units, config.assign)
-        units, _ = unit_table(labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
-                              recording, seed)
-        spikes = labelled(events, labels, np.zeros(events.size, np.float32))
+                                         channels, snip.channel_index, noise[1], n_units, config.assign, core)
+        keep = spikes_kept(fe, events, labels)  # what the runtime emits
+        units, _ = unit_table(labels[keep], n_units, events[keep], waveforms[keep], snip.channel_index,
+                              features[keep], loc[keep], noise, recording, seed)
+        spikes = labelled(events[keep], labels[keep], np.zeros(int(keep.sum()), np.float32))
         features_meta = {
             "kind": config.train.features,
             "latent_dim": int(encoder.latent_dim),
@@ -148,10 +152,13 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         training = {
             "recording": str(recording.source),
             "duration_s": float(recording.duration_s),
-            "n_spikes": int(events.size),
+            "n_spikes": int(keep.sum()),
+            "n_events": int(events.size),
+            "n_clustered": int(core.size),
             "n_fit_snippets": int(n_fit),
             "n_groups": int(clu.n_groups),
-            "unassigned_fraction": float(np.mean(labels < 0)),
+            "n_candidates_claimed": int(np.count_nonzero(keep) - core.size),
+            "unassigned_fraction": float(np.mean(labels[keep] < 0)),
             "seed": int(seed),
             "history": history,
             "timings_s": timings,
