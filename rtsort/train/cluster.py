@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,8 +101,10 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
         log.info("%.0f s of spikes: too short to look for units split by drift", times_s.max() - times_s.min())
         return parent
     m = units >= 0
-    loc = np.stack([np.median(locations[m & (units == u)], axis=0) for u in range(n)])
-    wf = np.stack([peak_waveforms[m & (units == u)].mean(axis=0) for u in range(n)])
+    with warnings.catch_warnings():  # a unit without spikes here has no position (NaN) and joins nothing
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loc = np.stack([np.median(locations[m & (units == u)], axis=0) for u in range(n)])
+        wf = np.stack([peak_waveforms[m & (units == u)].mean(axis=0) for u in range(n)])
     wf /= np.maximum(np.linalg.norm(wf, axis=1, keepdims=True), 1e-9)
     counts = np.stack([np.histogram(times_s[m & (units == u)], edges)[0] for u in range(n)]).astype(np.float64)
     counts -= counts.mean(axis=1, keepdims=True)

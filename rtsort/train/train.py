@@ -23,7 +23,7 @@ from ..config import Config
 from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import snippets_recording
-from .cluster import cluster, label_spikes, templates_on_probe
+from .cluster import cluster, drift_merges, label_spikes, templates_on_probe
 from .metrics import unit_metrics
 
 log = logging.getLogger("rtsort.train")
@@ -132,9 +132,18 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
                       config.cluster, seed, times_s=events["sample_index"][core] / recording.sampling_rate)
         timings["cluster_s"] = time.perf_counter() - t3
 
-        n_units = int(clu.centroid_unit.max()) + 1 if clu.centroid_unit.size else 0
-        labels, templates = label_spikes(clu.centroids, clu.centroid_unit, clu.radius, features, waveforms, xn,
-                                         channels, snip.channel_index, noise[1], n_units, config.assign, core)
+        centroid_unit = clu.centroid_unit
+        times_s = events["sample_index"] / recording.sampling_rate
+        for _ in range(2):  # the drift merge again on the final labels: every spike counts now, not a subsample
+            n_units = int(centroid_unit.max()) + 1 if centroid_unit.size else 0
+            labels, templates = label_spikes(clu.centroids, centroid_unit, clu.radius, features, waveforms, xn,
+                                             channels, snip.channel_index, noise[1], n_units, config.assign, core)
+            if n_units < 2:
+                break
+            joined = drift_merges(labels[core], loc[core], xn[core, :, 0], times_s[core], config.cluster)
+            if joined.max() + 1 == n_units:
+                break
+            centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
         keep = spikes_kept(fe, events, labels)  # what the runtime emits
         units, _ = unit_table(labels[keep], n_units, events[keep], waveforms[keep], snip.channel_index,
                               features[keep], loc[keep], noise, recording, seed)
@@ -165,7 +174,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         }
         save_bundle(out_dir, config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
                     noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
-                    centroid_unit=clu.centroid_unit, centroid_radius=clu.radius,
+                    centroid_unit=centroid_unit, centroid_radius=clu.radius,
                     templates=templates, features=features_meta, units=units, training=training,
                     gain_to_uV=float(np.mean(recording.gains_to_uV)))
     log.info("bundle written to %s: %d units in %.1f s", out_dir, n_units, timings["total_s"])
