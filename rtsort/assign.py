@@ -147,6 +147,12 @@ class TemplateMatcher:
             inv = np.where(np.isfinite(noise) & (noise > 0), 1.0 / noise, 0.0).astype(np.float32)
         self.templates = np.ascontiguousarray(tm * inv[None, None, :])
         self.channel_index = np.ascontiguousarray(channel_index, dtype=np.int64)
+        # the units a candidate peaking on channel c may be: those whose template peaks on one of c's snippet channels
+        peak = np.abs(self.templates).max(axis=1).argmax(axis=1) if tm.shape[0] else np.zeros(0, np.int64)
+        near = [np.flatnonzero(np.isin(peak, row)) for row in self.channel_index]
+        self.near_units = np.full((len(near), max([n.size for n in near] + [1])), -1, np.int32)
+        for c, n in enumerate(near):
+            self.near_units[c, :n.size] = n
         self.max_shift = int(max_shift)
         self.min_snr = float(min_snr)
         self.min_scale = float(min_scale)
@@ -208,6 +214,30 @@ class Assigner:
         """A scratch copy (its own centroids), for warming up without moving tracked centroids."""
         return Assigner(self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within,
                         self.matcher, self.candidates)
+
+    def label(self, features: np.ndarray, xn: np.ndarray, channels: np.ndarray,
+              deep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Label events: spikes (``deep``) as :meth:`assign` does, candidates by template fit alone.
+
+        ``features`` holds the rows of the deep events only (candidates are not
+        encoded); ``xn`` and ``channels`` cover every event. A candidate's units
+        are those whose template peaks on one of its snippet channels; without
+        a matcher no candidate is claimed. Distances of candidates are NaN.
+        """
+        k = xn.shape[0]
+        if deep.all():
+            return self.assign(features, xn, channels)
+        unit = np.full(k, -1, np.int32)
+        dist = np.full(k, np.nan, np.float32)
+        d = np.flatnonzero(deep)
+        s = np.flatnonzero(~deep)
+        if d.size:
+            unit[d], dist[d] = self.assign(features, xn[d], channels[d])
+        if s.size and self.matcher is not None:
+            claimed = np.zeros(s.size, np.int32)
+            self.matcher.match(xn[s], channels[s], self.matcher.near_units[channels[s]], claimed)
+            unit[s] = claimed
+        return unit, dist
 
     def assign(self, features: np.ndarray, xn: np.ndarray | None = None,
                channels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

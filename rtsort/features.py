@@ -179,12 +179,21 @@ class Featurizer:
         np.divide(locations, self.position_scale, out=out[:, -2:])
         return out
 
-    def encode(self, waveforms: np.ndarray, channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(feature vectors (k, D + 2), snippets in noise units (k, T, K)) of a batch of snippets (k, T, K) uV."""
+    def encode(self, waveforms: np.ndarray, channels: np.ndarray,
+               which: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(feature vectors (k, D + 2), snippets in noise units (k, T, K)) of a batch of snippets (k, T, K) uV.
+
+        With ``which`` (k,) bool only those snippets are encoded: the features have one row per True.
+        """
         xn, rel, loc = self.prepare(waveforms, channels)
-        if waveforms.shape[0] == 0:
+        if which is not None and not which.all():
+            rel, loc = rel[which], loc[which]
+            xe = xn[which]
+        else:
+            xe = xn
+        if xe.shape[0] == 0:
             return np.zeros((0, self.n_features), dtype=np.float32), xn
-        return self.combine(self.encoder(xn, rel), loc), xn
+        return self.combine(self.encoder(xe, rel), loc), xn
 
     def __call__(self, waveforms: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """Feature vectors (k, D + 2) of a batch of snippets (k, T, K) uV."""

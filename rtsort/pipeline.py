@@ -100,8 +100,9 @@ class Pipeline:
         self.front.warmup()
         s = self.front.snippets
         ch = np.zeros(2, np.int64)
-        features, xn = self.featurizer.encode(np.zeros((2, s.n_samples, s.k_channels), np.float32), ch)
-        self.assigner.copy().assign(features, xn, ch)  # a scratch copy: warming up must not move tracked centroids
+        deep = np.array([True, False])  # a spike and a candidate: both paths compiled
+        features, xn = self.featurizer.encode(np.zeros((2, s.n_samples, s.k_channels), np.float32), ch, deep)
+        self.assigner.copy().label(features, xn, ch, deep)  # a scratch copy: warming must not move tracked centroids
 
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
@@ -135,10 +136,10 @@ class Pipeline:
             self.n_skipped += ev.size
             self.n_unassigned += ev.size
             return labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
-        features, xn = self.featurizer.encode(out.waveforms, ev["channel"])
-        t3 = time.perf_counter_ns()
-        unit, dist = self.assigner.assign(features, xn, ev["channel"])
         deep = self.front.spike_mask(ev)
+        features, xn = self.featurizer.encode(out.waveforms, ev["channel"], deep)
+        t3 = time.perf_counter_ns()
+        unit, dist = self.assigner.label(features, xn, ev["channel"], deep)
         keep = deep | (unit >= 0)
         if not deep.all():
             n_keep = int(np.count_nonzero(keep))

@@ -195,8 +195,9 @@ def label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, chan
     Mean waveforms of the nearest-centroid labels give a first template fit;
     the means of those labels are the templates kept, and the labels returned
     are what the runtime (without tracking) gives with them. Only the spikes
-    in ``core`` (indices; default all) make the means: shallow events, mostly
-    noise, are labelled but do not shape the templates.
+    in ``core`` (indices; default all) make the means: the other events are
+    candidates, labelled by template fit alone as the runtime labels them
+    (-1 when no template claims them), and do not shape the templates.
     """
     n_channels = channel_index.shape[0]
     keep = np.zeros(features.shape[0], bool)
@@ -206,11 +207,11 @@ def label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, chan
         lab = np.where(keep, lab, -1)
         return templates_on_probe(waveforms, channels, channel_index, lab, n_units, n_channels)[0].transpose(0, 2, 1)
 
-    labels = Assigner(centroids, centroid_unit, radius).assign(features)[0]
+    labels = np.where(keep, Assigner(centroids, centroid_unit, radius).assign(features)[0], -1)
     tm = means(labels)
     for r in range(2 if cfg.template_candidates > 0 else 0):
         if r:
             tm = means(labels)
         labels = make_assigner(centroids, centroid_unit, radius, tm, voltage_noise, channel_index, cfg,
-                               0.0).assign(features, xn, channels)[0]
+                               0.0).label(features[keep], xn, channels, keep)[0]
     return labels, tm

@@ -47,8 +47,9 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     features = featurizer.combine(latent, loc)
     xn = normalize_waveforms(waveforms, events["channel"], ci, b.noise_levels[1])
     # the spikes the bundle emitted (Phy's spikes): every deep event, and the candidates a template claimed
+    deep = fe.spike_mask(events)
     exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates, b.noise_levels[1], ci,
-                             b.config.assign, 0.0).assign(features, xn, events["channel"])[0]
+                             b.config.assign, 0.0).label(features[deep], xn, events["channel"], deep)[0]
     sel = spikes_kept(fe, events, exported)
     events, waveforms, features, loc, xn = events[sel], waveforms[sel], features[sel], loc[sel], xn[sel]
     if events.size != times.size or not np.array_equal(events["sample_index"], times):
