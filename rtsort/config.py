@@ -77,7 +77,7 @@ class DetectConfig:
 
     threshold: float = 2.5
     amp_threshold: float = 4.5
-    candidate_threshold: float = 3.0
+    candidate_threshold: float = 2.5
     slope_ms: float = 0.2
     polarity: str = "neg"  # "neg", "pos" or "both"
     radius_um: float = 50.0
