@@ -33,89 +33,127 @@ AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a facto
 
 
 @numba.njit(cache=True, nogil=True)
-def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist, candidates):
-    """Label spike by spike; with ``rate`` > 0 a confident spike pulls its centroid towards itself.
+def _nearest_one(feature, centroids, centroid_unit, radius, rate, within, candidates, top_d, top_j):
+    """One spike's nearest centroid: (unit or -1, distance); its short list of units goes to ``candidates``.
 
-    ``candidates`` (k, n) receives the units of the n nearest centroids, nearest first.
+    With ``rate`` > 0 a confident spike pulls its centroid towards itself.
     """
-    k, f_dim = features.shape
-    n_cand = candidates.shape[1]
-    top_d = np.empty(max(n_cand, 1), np.float64)
-    top_j = np.empty(max(n_cand, 1), np.int64)
-    for i in range(k):
-        best = np.inf
-        arg = 0
-        n_top = 0
-        for j in range(centroids.shape[0]):
-            d = 0.0
-            for f in range(f_dim):
-                e = features[i, f] - centroids[j, f]
-                d += e * e
-            if d < best:
-                best = d
-                arg = j
-            if n_cand > 0 and (n_top < n_cand or d < top_d[n_top - 1]):  # insertion into the sorted short list
-                m = min(n_top, n_cand - 1)
-                while m > 0 and top_d[m - 1] > d:
-                    top_d[m] = top_d[m - 1]
-                    top_j[m] = top_j[m - 1]
-                    m -= 1
-                top_d[m] = d
-                top_j[m] = j
-                n_top = min(n_top + 1, n_cand)
-        for m in range(n_cand):
-            candidates[i, m] = centroid_unit[top_j[m]] if m < n_top else -1
-        dist[i] = np.sqrt(best)
-        unit[i] = centroid_unit[arg] if dist[i] <= radius[arg] else -1
-        if rate > 0.0 and dist[i] <= within * radius[arg]:
-            for f in range(f_dim):
-                centroids[arg, f] += rate * (features[i, f] - centroids[arg, f])
+    f_dim = feature.shape[0]
+    n_cand = candidates.shape[0]
+    best = np.inf
+    arg = 0
+    n_top = 0
+    for j in range(centroids.shape[0]):
+        d = 0.0
+        for f in range(f_dim):
+            e = feature[f] - centroids[j, f]
+            d += e * e
+        if d < best:
+            best = d
+            arg = j
+        if n_cand > 0 and (n_top < n_cand or d < top_d[n_top - 1]):  # insertion into the sorted short list
+            m = min(n_top, n_cand - 1)
+            while m > 0 and top_d[m - 1] > d:
+                top_d[m] = top_d[m - 1]
+                top_j[m] = top_j[m - 1]
+                m -= 1
+            top_d[m] = d
+            top_j[m] = j
+            n_top = min(n_top + 1, n_cand)
+    for m in range(n_cand):
+        candidates[m] = centroid_unit[top_j[m]] if m < n_top else -1
+    dist = np.sqrt(best)
+    unit = centroid_unit[arg] if dist <= radius[arg] else -1
+    if rate > 0.0 and dist <= within * radius[arg]:
+        for f in range(f_dim):
+            centroids[arg, f] += rate * (feature[f] - centroids[arg, f])
+    return unit, dist
 
 
 @numba.njit(cache=True, nogil=True)
-def _match(xn, channels, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, unit, gain):
-    """For each spike not already rejected, the candidate unit whose scaled, shifted template explains most energy.
+def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist, candidates):
+    """Label spike by spike (see :func:`_nearest_one`); ``candidates`` (k, n): the units of the n nearest centroids."""
+    n = max(candidates.shape[1], 1)
+    top_d = np.empty(n, np.float64)
+    top_j = np.empty(n, np.int64)
+    for i in range(features.shape[0]):
+        unit[i], dist[i] = _nearest_one(features[i], centroids, centroid_unit, radius, rate, within,
+                                        candidates[i], top_d, top_j)
+
+
+@numba.njit(cache=True, nogil=True)
+def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale):
+    """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain).
 
     gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels (a clipped to
     [amin, amax]); the best fit must reach ``min_snr`` as a matched filter, <x, T> / ||T||, and a raw scale
     <x, T> / ||T||^2 of at least ``min_scale``.
     """
-    k, t_len, n_k = xn.shape
-    for i in range(k):
-        gain[i] = np.nan
-        if unit[i] < 0:
+    t_len, n_k = x.shape
+    best_g = -np.inf
+    best_u = -1
+    best_z = 0.0
+    best_a = 0.0
+    for m in range(candidates.shape[0]):
+        u = candidates[m]
+        seen = u < 0
+        for mm in range(m):
+            seen = seen or candidates[mm] == u
+        if seen:
             continue
-        c = channels[i]
-        best_g = -np.inf
-        best_u = -1
-        best_z = 0.0
-        best_a = 0.0
-        for m in range(candidates.shape[1]):
-            u = candidates[i, m]
-            seen = u < 0
-            for mm in range(m):
-                seen = seen or candidates[i, mm] == u
-            if seen:
+        for s in range(-max_shift, max_shift + 1):
+            dot = 0.0
+            nrm = 0.0
+            for t in range(max(0, s), min(t_len, t_len + s)):
+                for j in range(n_k):
+                    w = templates[u, t - s, channel_index[c, j]]
+                    dot += x[t, j] * w
+                    nrm += w * w
+            if nrm <= 0.0:
                 continue
-            for s in range(-max_shift, max_shift + 1):
-                dot = 0.0
-                nrm = 0.0
-                for t in range(max(0, s), min(t_len, t_len + s)):
-                    for j in range(n_k):
-                        w = templates[u, t - s, channel_index[c, j]]
-                        dot += xn[i, t, j] * w
-                        nrm += w * w
-                if nrm <= 0.0:
-                    continue
-                a = min(max(dot / nrm, amin), amax)
-                g = 2.0 * a * dot - a * a * nrm
-                if g > best_g:
-                    best_g = g
-                    best_u = u
-                    best_z = dot / np.sqrt(nrm)
-                    best_a = dot / nrm
-        gain[i] = best_g
-        unit[i] = best_u if best_z >= min_snr and best_a >= min_scale else -1
+            a = min(max(dot / nrm, amin), amax)
+            g = 2.0 * a * dot - a * a * nrm
+            if g > best_g:
+                best_g = g
+                best_u = u
+                best_z = dot / np.sqrt(nrm)
+                best_a = dot / nrm
+    return (best_u if best_z >= min_snr and best_a >= min_scale else -1), best_g
+
+
+@numba.njit(cache=True, nogil=True)
+def _match(xn, channels, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, unit, gain):
+    """:func:`_match_one` for every spike not already rejected (``unit`` < 0 stays; its gain is NaN)."""
+    for i in range(xn.shape[0]):
+        gain[i] = np.nan
+        if unit[i] >= 0:
+            unit[i], gain[i] = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin, amax,
+                                          max_shift, min_snr, min_scale)
+
+
+@numba.njit(cache=True, nogil=True)
+def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate, within, n_cand, near_units,
+           channel_index, templates, amin, amax, max_shift, min_snr, min_scale, unit, dist):
+    """Every event of a chunk in one pass: spikes (``deep``, rows of ``features`` in order) by nearest centroid and
+    template fit among the short list; candidates by template fit among ``near_units`` of their channel."""
+    n = max(n_cand, 1)
+    top_d = np.empty(n, np.float64)
+    top_j = np.empty(n, np.int64)
+    cand = np.empty(n_cand, np.int32)
+    r = 0
+    for i in range(xn.shape[0]):
+        c = channels[i]
+        if deep[i]:
+            unit[i], dist[i] = _nearest_one(features[r], centroids, centroid_unit, radius, rate, within, cand,
+                                            top_d, top_j)
+            r += 1
+            if unit[i] >= 0:
+                unit[i] = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, max_shift, min_snr,
+                                     min_scale)[0]
+        else:
+            dist[i] = np.nan
+            unit[i] = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, max_shift, min_snr,
+                                 min_scale)[0]
 
 
 class TemplateMatcher:
@@ -225,18 +263,21 @@ class Assigner:
         a matcher no candidate is claimed. Distances of candidates are NaN.
         """
         k = xn.shape[0]
-        if deep.all():
-            return self.assign(features, xn, channels)
-        unit = np.full(k, -1, np.int32)
-        dist = np.full(k, np.nan, np.float32)
-        d = np.flatnonzero(deep)
-        s = np.flatnonzero(~deep)
-        if d.size:
-            unit[d], dist[d] = self.assign(features, xn[d], channels[d])
-        if s.size and self.matcher is not None:
-            claimed = np.zeros(s.size, np.int32)
-            self.matcher.match(xn[s], channels[s], self.matcher.near_units[channels[s]], claimed)
-            unit[s] = claimed
+        if self.matcher is None or k == 0 or self.centroids.shape[0] == 0:
+            unit = np.full(k, -1, np.int32)
+            dist = np.full(k, np.nan, np.float32)
+            d = np.flatnonzero(deep)
+            if d.size:
+                unit[d], dist[d] = self.assign(features)
+            return unit, dist
+        unit = np.empty(k, np.int32)
+        dist = np.empty(k, np.float32)
+        m = self.matcher
+        _label(np.ascontiguousarray(features, dtype=np.float32), np.ascontiguousarray(deep, dtype=np.bool_),
+               np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
+               self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within, self.candidates,
+               m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], m.max_shift,
+               m.min_snr, m.min_scale, unit, dist)
         return unit, dist
 
     def assign(self, features: np.ndarray, xn: np.ndarray | None = None,

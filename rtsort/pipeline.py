@@ -2,8 +2,11 @@
 
 One :class:`Pipeline` per stream: the front end (preprocess -> detect ->
 snippets, the very objects training used), then every snippet completed by a
-chunk is encoded in one onnxruntime call and labelled: its nearest centroids
-short-list units, and the unit whose template fits it best takes it.
+chunk is labelled. A spike (at least ``detect.amp_threshold`` deep) is
+encoded (one onnxruntime call per chunk), its nearest centroids short-list
+units, and the unit whose template fits it best takes it (or -1). A shallower
+candidate is not encoded: the units peaking near it compete by template fit,
+and it leaves only when one claims it.
 ``rtsort sort`` runs the same object over a file in large chunks; chunk
 invariance makes its spikes and labels the same as a live stream's.
 """
@@ -111,7 +114,8 @@ class Pipeline:
         """One chunk of raw samples (n, C) -> the spikes it completed (SPIKE_DTYPE), labelled.
 
         ``encode=False`` is the overload path: the spikes are detected and
-        emitted, unlabelled (-1), without the encoder's cost.
+        emitted, unlabelled (-1), without the encoder's cost; candidates,
+        which only a template fit makes spikes, are dropped.
         """
         t0 = time.perf_counter_ns()
         filtered = self.front.preprocessor.process(samples)
