@@ -167,6 +167,23 @@ def test_template_fit_picks_the_unit_whose_template_explains_the_snippet():
     assert (shallow & near).sum() >= 5
 
 
+def test_candidates_leave_only_when_a_template_claims_them(small_sim, trained):
+    """Events shallower than amp_threshold are spikes only when labelled; the detector's own output keeps to spikes."""
+    from rtsort.frontend import detect_recording
+
+    rec, _, _ = small_sim
+    b = load_bundle(trained[1])
+    spikes, _ = sort_recording(rec, b, progress=False)
+    depth = np.float32(b.config.detect.amp_threshold) * b.noise_levels[1].astype(np.float32)
+    shallow = np.abs(spikes["amplitude"]) < depth[spikes["channel"]]
+    assert shallow.sum() > 0.02 * spikes.size  # candidates do add spikes
+    assert np.all(spikes["unit"][shallow] >= 0) and np.all(np.isnan(spikes["distance"][shallow]))
+    assert np.all(np.isfinite(spikes["distance"][~shallow]))
+    events, _ = detect_recording(rec, b.config, progress=False, noise_levels=b.noise_levels)
+    assert np.all(np.abs(events["amplitude"]) >= depth[events["channel"]])
+    assert events.size == int((~shallow).sum())  # every spike leaves, labelled or not
+
+
 def test_pipeline_chunk_by_chunk(small_sim, trained):
     rec, _, _ = small_sim
     pipe = Pipeline(trained[1], rec.gains_to_uV, rec.offsets_to_uV)

@@ -21,6 +21,10 @@ def test_toml_roundtrip(tmp_path):
         ("[preprocess]\nfreq_min = 7000\n", "must be below preprocess.freq_max"),
         ("[snippets]\nn_channels = \"8\"\n", "snippets.n_channels must be int"),
         ("[detect\n", "invalid TOML"),
+        ("[detect]\ncandidate_threshold = -2.0\n", "detect.candidate_threshold must be a finite number >= 0"),
+        ("[assign]\ntemplate_candidates = 100\n", "assign.template_candidates must be an integer in [0, 64]"),
+        ("[assign]\ntemplate_min_snr = -1.0\n", "assign.template_min_snr must be a finite number >= 0"),
+        ("[cluster]\nselection = \"best\"\n", "cluster.selection must be 'eom' or 'leaf'"),
     ],
 )
 def test_bad_config_is_named(tmp_path, text, message):
