@@ -209,8 +209,11 @@ def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0,
 
 
 def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
-                       noise_levels=None, stop: int | None = None):
+                       noise_levels=None, stop: int | None = None, select=None, desc: str = "detect + snippets"):
     """Detect every event of a recording (candidates too) and cut its snippet, through the streaming front end.
+
+    ``select(front_end, events, waveforms) -> bool mask``, applied chunk by
+    chunk, keeps only some events (so memory holds only those snippets).
 
     Returns
     -------
@@ -221,9 +224,14 @@ def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.
     """
     fe = _front_end(recording, config, noise_levels, snippets=True)
     ev, wf = [], []
-    for out in _stream(fe, recording, chunk_s, progress, stop, "detect + snippets"):
-        ev.append(out.events)
-        wf.append(out.waveforms)
+    for out in _stream(fe, recording, chunk_s, progress, stop, desc):
+        if select is None:
+            ev.append(out.events)
+            wf.append(out.waveforms)
+        elif out.events.size:
+            m = select(fe, out.events, out.waveforms)
+            ev.append(out.events[m])
+            wf.append(out.waveforms[m])
     shape = (0, fe.snippets.n_samples, fe.snippets.k_channels)
     events = np.concatenate(ev) if ev else np.zeros(0, dtype=EVENT_DTYPE)
     waveforms = np.concatenate(wf) if wf else np.zeros(shape, dtype=np.float32)

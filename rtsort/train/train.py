@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..bundle import save_bundle
 from ..config import Config
 from ..errors import RecordingError
+from ..assign import make_assigner
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import snippets_recording
 from .cluster import cluster, drift_merges, label_spikes, templates_on_probe
@@ -72,31 +73,55 @@ def unit_table(labels, n_units: int, events, waveforms, channel_index, features,
     return units, tm_uv
 
 
+def claimed_candidates(recording, config: Config, noise: np.ndarray, assigner, progress: bool):
+    """A second pass over the recording: the candidates (events shallower than spikes) a template claims.
+
+    Returns their events, snippets (uV) and units, as the runtime labels them.
+    """
+    def claimed(fe, ev, wf):
+        cand = ~fe.spike_mask(ev)
+        if cand.any():
+            cand[cand] = _claim(assigner, fe, ev[cand], wf[cand], noise) >= 0
+        return cand
+
+    ev, wf, fe = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=claimed,
+                                    desc="candidates")
+    unit = _claim(assigner, fe, ev, wf, noise) if ev.size else np.zeros(0, np.int32)
+    log.info("%d candidates claimed by a unit's template", ev.size)
+    return ev, wf, unit
+
+
+def _claim(assigner, fe, ev, wf, noise):
+    xn = normalize_waveforms(wf, ev["channel"], fe.snippets.channel_index, noise[1])
+    return assigner.label(np.zeros((0, assigner.n_features), np.float32), xn, ev["channel"],
+                          np.zeros(ev.size, bool))[0]
+
+
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
                  progress: bool = True) -> TrainResult:
     """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring)."""
-    from ..pipeline import labelled, spikes_kept
+    from ..pipeline import labelled
 
     config = config or Config()
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
-    events, waveforms, fe = snippets_recording(recording, config, progress=progress)
+    # units are learnt from the spikes; the shallower candidates are labelled afterwards, as at run time, in a
+    # second pass that keeps only the claimed ones (memory holds spikes, not every noise crossing)
+    events, waveforms, fe = snippets_recording(recording, config, progress=progress,
+                                               select=lambda f, ev, wf: f.spike_mask(ev))
     timings["detect_s"] = time.perf_counter() - t0
-    log.info("%d events in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
+    log.info("%d spikes in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
     snip = fe.snippets
     channels = events["channel"]
     noise = fe.noise_levels
     xn = normalize_waveforms(waveforms, channels, snip.channel_index, noise[1])
-    # units are learnt from the spikes; the shallower candidates are labelled by template fit, as at run time
-    core = np.flatnonzero(fe.spike_mask(events))
-    if core.size < MIN_SPIKES:
-        raise RecordingError(f"{recording.source}: only {core.size} spikes detected in "
+    if events.size < MIN_SPIKES:
+        raise RecordingError(f"{recording.source}: only {events.size} spikes detected in "
                              f"{recording.duration_s:.1f} s; at least {MIN_SPIKES} are needed to train")
-    log.info("%d spikes and %d shallower candidates", core.size, events.size - core.size)
     rng = np.random.default_rng(seed)
-    n_fit = min(core.size, config.train.max_snippets)
-    fit_idx = np.sort(rng.choice(core, n_fit, replace=False))
+    n_fit = min(events.size, config.train.max_snippets)
+    fit_idx = np.sort(rng.choice(events.size, n_fit, replace=False))
 
     t1 = time.perf_counter()
     history: dict = {}
@@ -128,26 +153,36 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         timings["encode_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        clu = cluster(features[core], xn[core], channels[core], snip.channel_index, recording.probe.positions_um,
-                      config.cluster, seed, times_s=events["sample_index"][core] / recording.sampling_rate)
+        times_s = events["sample_index"] / recording.sampling_rate
+        clu = cluster(features, xn, channels, snip.channel_index, recording.probe.positions_um, config.cluster, seed,
+                      times_s=times_s)
         timings["cluster_s"] = time.perf_counter() - t3
 
         centroid_unit = clu.centroid_unit
-        times_s = events["sample_index"] / recording.sampling_rate
-        for _ in range(2):  # the drift merge again on the final labels: every spike counts now, not a subsample
+        for rnd in range(3):  # the drift merge again on the final labels: every spike counts now, not a subsample
             n_units = int(centroid_unit.max()) + 1 if centroid_unit.size else 0
             labels, templates = label_spikes(clu.centroids, centroid_unit, clu.radius, features, waveforms, xn,
-                                             channels, snip.channel_index, noise[1], n_units, config.assign, core)
-            if n_units < 2:
+                                             channels, snip.channel_index, noise[1], n_units, config.assign)
+            if n_units < 2 or rnd == 2:  # the labels and templates kept are those of the units kept
                 break
-            joined = drift_merges(labels[core], loc[core], xn[core, :, 0], times_s[core], config.cluster)
+            joined = drift_merges(labels, loc, xn[:, :, 0], times_s, config.cluster)
             if joined.max() + 1 == n_units:
                 break
             centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
-        keep = spikes_kept(fe, events, labels)  # what the runtime emits
-        units, _ = unit_table(labels[keep], n_units, events[keep], waveforms[keep], snip.channel_index,
-                              features[keep], loc[keep], noise, recording, seed)
-        spikes = labelled(events[keep], labels[keep], np.zeros(int(keep.sum()), np.float32))
+        assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates, noise[1], snip.channel_index,
+                                 config.assign, 0.0)
+        c_ev, c_wf, c_lab = claimed_candidates(recording, config, noise, assigner, progress)
+        n_claimed = c_ev.size
+        if n_claimed:  # what the runtime emits: every spike, and the claimed candidates
+            c_lat, c_loc = encode_all(featurizer, c_wf, c_ev["channel"], progress)
+            events = np.concatenate([events, c_ev])
+            waveforms = np.concatenate([waveforms, c_wf])
+            features = np.concatenate([features, featurizer.combine(c_lat, c_loc)])
+            loc = np.concatenate([loc, c_loc])
+            labels = np.concatenate([labels, c_lab])
+        units, _ = unit_table(labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
+                              recording, seed)
+        spikes = labelled(events, labels, np.zeros(events.size, np.float32))
         features_meta = {
             "kind": config.train.features,
             "latent_dim": int(encoder.latent_dim),
@@ -161,13 +196,11 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         training = {
             "recording": str(recording.source),
             "duration_s": float(recording.duration_s),
-            "n_spikes": int(keep.sum()),
-            "n_events": int(events.size),
-            "n_clustered": int(core.size),
+            "n_spikes": int(events.size),
             "n_fit_snippets": int(n_fit),
             "n_groups": int(clu.n_groups),
-            "n_candidates_claimed": int(np.count_nonzero(keep) - core.size),
-            "unassigned_fraction": float(np.mean(labels[keep] < 0)),
+            "n_candidates_claimed": int(n_claimed),
+            "unassigned_fraction": float(np.mean(labels < 0)),
             "seed": int(seed),
             "history": history,
             "timings_s": timings,
