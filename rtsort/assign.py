@@ -71,14 +71,14 @@ def _nearest_one(feature, centroids, centroid_unit, radius, rate, within, candid
 
 
 @numba.njit(cache=True, nogil=True)
-def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist, candidates):
-    """Label spike by spike (see :func:`_nearest_one`); ``candidates`` (k, n): the units of the n nearest centroids."""
-    n = max(candidates.shape[1], 1)
-    top_d = np.empty(n, np.float64)
-    top_j = np.empty(n, np.int64)
+def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dist):
+    """Label spike by spike by nearest centroid alone (see :func:`_nearest_one`)."""
+    no_list = np.empty(0, np.int32)
+    top_d = np.empty(1, np.float64)
+    top_j = np.empty(1, np.int64)
     for i in range(features.shape[0]):
-        unit[i], dist[i] = _nearest_one(features[i], centroids, centroid_unit, radius, rate, within,
-                                        candidates[i], top_d, top_j)
+        unit[i], dist[i] = _nearest_one(features[i], centroids, centroid_unit, radius, rate, within, no_list,
+                                        top_d, top_j)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -290,14 +290,12 @@ class Assigner:
         k = features.shape[0]
         if k == 0 or self.centroids.shape[0] == 0:
             return np.full(k, -1, np.int32), np.full(k, np.inf, np.float32)
+        if self.matcher is not None and xn is not None:
+            return self.label(features, xn, channels, np.ones(k, bool))
         unit = np.empty(k, np.int32)
         dist = np.empty(k, np.float32)
-        use = self.matcher is not None and xn is not None
-        cand = np.empty((k, self.candidates if use else 0), np.int32)
         _nearest(np.ascontiguousarray(features, dtype=np.float32), self.centroids, self.centroid_unit, self.radius,
-                 self.track_rate, self.track_within, unit, dist, cand)
-        if use:
-            self.matcher.match(xn, channels, cand, unit)
+                 self.track_rate, self.track_within, unit, dist)
         return unit, dist
 
 

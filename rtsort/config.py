@@ -28,6 +28,23 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+def _check_ints(section: str, obj, names: tuple, lo: int, hi: int | None = None) -> None:
+    """Each named field of ``obj`` an int (not a bool) in [lo, hi] (no upper bound without ``hi``)."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"{section}.{name} must be an integer {bound}, got {v!r}")
+
+
+def _check_fractions(section: str, obj, names: tuple) -> None:
+    """Each named field of ``obj`` a float in [0, 1]."""
+    for name in names:
+        v = getattr(obj, name)
+        if not (isinstance(v, float) and 0 <= v <= 1):
+            raise ConfigError(f"{section}.{name} must be a number in [0, 1], got {v!r}")
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -140,11 +157,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("train.features", self.features, ("transformer", "pca"))
-        for name in ("latent_dim", "d_model", "n_layers", "n_heads", "epochs", "batch_size", "max_snippets",
-                     "patience", "threads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"train.{name} must be an integer >= 1, got {v!r}")
+        _check_ints("train", self, ("latent_dim", "d_model", "n_layers", "n_heads", "epochs", "batch_size",
+                                    "max_snippets", "patience", "threads"), 1)
         if self.d_model % self.n_heads:
             raise ConfigError(f"train.d_model ({self.d_model}) must be a multiple of train.n_heads ({self.n_heads})")
         _check_positive("train.learning_rate", self.learning_rate)
@@ -160,7 +174,7 @@ class ClusterConfig:
     selection: str = "eom"  # HDBSCAN's cluster_selection_method: "eom" (excess of mass) or "leaf" (finest)
     position_scale_um: float = 10.0  # 1 feature unit = this many um of spike position
     merge_threshold: float = 0.4  # relative template distance below which two clusters are one unit
-    max_spikes: int = 40000  # clustering subsample; every spike is then assigned by nearest centroid
+    max_spikes: int = 40000  # clustering subsample; every spike is then labelled as the runtime labels it
     reject_quantile: float = 0.99
     reject_factor: float = 1.5
     # drift: two units are one neuron seen at two depths when they sit within drift_merge_um, their peak-channel
@@ -176,14 +190,8 @@ class ClusterConfig:
         _check_positive("cluster.drift_bin_s", self.drift_bin_s)
         if self.selection not in ("eom", "leaf"):
             raise ConfigError(f"cluster.selection must be 'eom' or 'leaf', got {self.selection!r}")
-        for name in ("drift_merge_similarity", "drift_merge_anticorrelation"):
-            v = getattr(self, name)
-            if not (isinstance(v, float) and 0 <= v <= 1):
-                raise ConfigError(f"cluster.{name} must be a number in [0, 1], got {v!r}")
-        for name in ("min_cluster_size", "min_samples", "max_spikes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
-                raise ConfigError(f"cluster.{name} must be an integer >= 2, got {v!r}")
+        _check_fractions("cluster", self, ("drift_merge_similarity", "drift_merge_anticorrelation"))
+        _check_ints("cluster", self, ("min_cluster_size", "min_samples", "max_spikes"), 2)
         _check_positive("cluster.position_scale_um", self.position_scale_um)
         _check_positive("cluster.merge_threshold", self.merge_threshold, allow_zero=True)
         if not (isinstance(self.reject_quantile, float) and 0 < self.reject_quantile <= 1):
@@ -215,14 +223,8 @@ class AssignConfig:
     template_max_shift: int = 1
 
     def __post_init__(self):
-        for name in ("track_rate", "track_within"):
-            v = getattr(self, name)
-            if not (isinstance(v, float) and 0 <= v <= 1):
-                raise ConfigError(f"assign.{name} must be a number in [0, 1], got {v!r}")
-        for name in ("template_candidates", "template_max_shift"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 64:
-                raise ConfigError(f"assign.{name} must be an integer in [0, 64], got {v!r}")
+        _check_fractions("assign", self, ("track_rate", "track_within"))
+        _check_ints("assign", self, ("template_candidates", "template_max_shift"), 0, 64)
         _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)
 

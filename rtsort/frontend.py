@@ -89,8 +89,8 @@ class FrontEnd:
 
     def spike_mask(self, events: np.ndarray) -> np.ndarray:
         """Events deep enough (``detect.amp_threshold``) to be spikes by themselves; the others are candidates."""
-        depth = np.float32(self.config.detect.amp_threshold) * self.noise_levels[1]
-        return np.abs(events["amplitude"]) >= depth[events["channel"]]
+        depth = np.float32(self.config.detect.amp_threshold) * self.noise_levels[1][events["channel"]]
+        return np.abs(events["amplitude"]) >= depth
 
     @property
     def latency_floor_ms(self) -> float:

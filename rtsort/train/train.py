@@ -78,23 +78,22 @@ def claimed_candidates(recording, config: Config, noise: np.ndarray, assigner, p
 
     Returns their events, snippets (uV) and units, as the runtime labels them.
     """
+    units = []  # the claimed candidates' units, chunk by chunk, in the order their snippets are kept
+
     def claimed(fe, ev, wf):
         cand = ~fe.spike_mask(ev)
         if cand.any():
-            cand[cand] = _claim(assigner, fe, ev[cand], wf[cand], noise) >= 0
+            xn = normalize_waveforms(wf[cand], ev["channel"][cand], fe.snippets.channel_index, noise[1])
+            unit = assigner.label(np.zeros((0, assigner.n_features), np.float32), xn, ev["channel"][cand],
+                                  np.zeros(xn.shape[0], bool))[0]
+            cand[cand] = unit >= 0
+            units.append(unit[unit >= 0])
         return cand
 
-    ev, wf, fe = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=claimed,
-                                    desc="candidates")
-    unit = _claim(assigner, fe, ev, wf, noise) if ev.size else np.zeros(0, np.int32)
+    ev, wf, _ = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=claimed,
+                                   desc="candidates")
     log.info("%d candidates claimed by a unit's template", ev.size)
-    return ev, wf, unit
-
-
-def _claim(assigner, fe, ev, wf, noise):
-    xn = normalize_waveforms(wf, ev["channel"], fe.snippets.channel_index, noise[1])
-    return assigner.label(np.zeros((0, assigner.n_features), np.float32), xn, ev["channel"],
-                          np.zeros(ev.size, bool))[0]
+    return ev, wf, np.concatenate(units) if units else np.zeros(0, np.int32)
 
 
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
