@@ -148,3 +148,7 @@ def test_drift_merges_joins_units_that_take_turns_and_only_those():
     off = drift_merges(np.concatenate(units), np.concatenate(loc), np.concatenate(wf), np.concatenate(times),
                        ClusterConfig(drift_merge_um=0.0))
     np.testing.assert_array_equal(off, np.arange(6))
+    # a unit the final labels left without spikes (here unit 7) keeps its number and joins nothing
+    more = drift_merges(np.concatenate(units), np.concatenate(loc), np.concatenate(wf), np.concatenate(times),
+                        ClusterConfig(), n_units=8)
+    assert more.size == 8 and len(set(more.tolist())) == 7 and more[0] == more[1]

@@ -74,7 +74,7 @@ def template_distances(templates: np.ndarray, counts: np.ndarray, max_shift: int
 
 
 def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.ndarray, times_s: np.ndarray,
-                 cfg: ClusterConfig) -> np.ndarray:
+                 cfg: ClusterConfig, n_units: int = 0) -> np.ndarray:
     """Join units that are one neuron split by drift; return the new unit of each old unit.
 
     A neuron that moves along the probe changes its waveform on each channel,
@@ -91,8 +91,9 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
     locations : (k, 2) um
     peak_waveforms : (k, T) the snippet's peak channel in noise units
     times_s : (k,) spike times in seconds
+    n_units : the number of units (at least; a unit left without spikes joins nothing)
     """
-    n = int(units.max()) + 1 if units.size else 0
+    n = max(int(units.max()) + 1 if units.size else 0, n_units)
     parent = np.arange(n)
     if n < 2 or cfg.drift_merge_um <= 0:
         return parent
@@ -171,7 +172,7 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
     if times_s is not None and n_groups > 1:
         spike_unit = np.where(groups >= 0, merged[groups], -1)
         merged = drift_merges(spike_unit, features[sub, -2:] * cfg.position_scale_um, xn[sub, :, 0],
-                              np.asarray(times_s)[sub], cfg)[merged]
+                              np.asarray(times_s)[sub], cfg, int(merged.max()) + 1)[merged]
     # units numbered along the probe (by the position of their biggest channel)
     n_units = int(merged.max()) + 1
     utm, ucounts = templates_on_probe(xn[sub], channels[sub], channel_index, np.where(groups >= 0, merged[groups], -1),
