@@ -15,7 +15,11 @@ matched filter, ``<x, T> / |T|`` >= ``template_min_snr`` (noise alone gives
 0 +/- 1), at a scale ``<x, T> / |T|^2`` >= ``template_min_scale`` (a small
 neighbour's spike does not pass for a big unit's). This gate is what lets
 the detector hand over shallow candidates (``detect.candidate_threshold``):
-the ones no template claims are not spikes. README, "Labelling", has the
+the ones no template claims are not spikes. A candidate must also leave at
+most ``candidate_max_residual`` mean squared residual per sample (noise
+alone: 1): the tail of a big unit's spike, a millisecond after its trough,
+can correlate with a small neighbour's template as well as that unit's own
+spikes do, but it is not explained by it. README, "Labelling", has the
 figures.
 """
 
@@ -30,6 +34,9 @@ from .config import AssignConfig
 from .errors import BundleError
 
 AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a factor in this range
+# a candidate's residual may also hold this fraction of the fitted template's energy (template mismatch and a
+# colliding spike grow with the unit's size; the tail of another unit's spike claimed by a small template does not)
+RESIDUAL_OF_FIT = 0.5
 
 
 @numba.njit(cache=True, nogil=True)
@@ -82,18 +89,20 @@ def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dis
 
 
 @numba.njit(cache=True, nogil=True)
-def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale):
+def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, max_residual):
     """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain).
 
     gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels (a clipped to
     [amin, amax]); the best fit must reach ``min_snr`` as a matched filter, <x, T> / ||T||, and a raw scale
-    <x, T> / ||T||^2 of at least ``min_scale``.
+    <x, T> / ||T||^2 of at least ``min_scale``, and leave at most ``max_residual`` of mean squared residual
+    per sample (noise alone: 1) plus ``RESIDUAL_OF_FIT`` of the fitted template's energy.
     """
     t_len, n_k = x.shape
     best_g = -np.inf
     best_u = -1
     best_z = 0.0
     best_a = 0.0
+    best_nrm = 0.0
     for m in range(candidates.shape[0]):
         u = candidates[m]
         seen = u < 0
@@ -118,24 +127,34 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift
                 best_u = u
                 best_z = dot / np.sqrt(nrm)
                 best_a = dot / nrm
-    return (best_u if best_z >= min_snr and best_a >= min_scale else -1), best_g
+                best_nrm = nrm
+    ok = best_z >= min_snr and best_a >= min_scale
+    if ok and max_residual < np.inf:
+        energy = 0.0
+        for t in range(t_len):
+            for j in range(n_k):
+                energy += x[t, j] * x[t, j]
+        ok = energy - best_g <= max_residual * t_len * n_k + RESIDUAL_OF_FIT * best_a * best_a * best_nrm
+    return (best_u if ok else -1), best_g
 
 
 @numba.njit(cache=True, nogil=True)
-def _match(xn, channels, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, unit, gain):
+def _match(xn, channels, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, max_residual,
+           unit, gain):
     """:func:`_match_one` for every spike not already rejected (``unit`` < 0 stays; its gain is NaN)."""
     for i in range(xn.shape[0]):
         gain[i] = np.nan
         if unit[i] >= 0:
             unit[i], gain[i] = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin, amax,
-                                          max_shift, min_snr, min_scale)
+                                          max_shift, min_snr, min_scale, max_residual)
 
 
 @numba.njit(cache=True, nogil=True)
 def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate, within, n_cand, near_units,
-           channel_index, templates, amin, amax, max_shift, min_snr, min_scale, unit, dist):
+           channel_index, templates, amin, amax, max_shift, min_snr, min_scale, max_residual, unit, dist):
     """Every event of a chunk in one pass: spikes (``deep``, rows of ``features`` in order) by nearest centroid and
-    template fit among the short list; candidates by template fit among ``near_units`` of their channel."""
+    template fit among the short list; candidates by template fit among ``near_units`` of their channel, which
+    must also leave at most ``max_residual`` (a spike's residual is not limited: collisions stay labelled)."""
     n = max(n_cand, 1)
     top_d = np.empty(n, np.float64)
     top_j = np.empty(n, np.int64)
@@ -149,11 +168,11 @@ def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate,
             r += 1
             if unit[i] >= 0:
                 unit[i] = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, max_shift, min_snr,
-                                     min_scale)[0]
+                                     min_scale, np.inf)[0]
         else:
             dist[i] = np.nan
             unit[i] = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, max_shift, min_snr,
-                                 min_scale)[0]
+                                 min_scale, max_residual)[0]
 
 
 class TemplateMatcher:
@@ -173,10 +192,14 @@ class TemplateMatcher:
         Matched-filter output ``<x, T> / |T|`` the best template must reach, else the spike is unassigned.
     min_scale : float
         Least ``<x, T> / |T|^2`` (the template's scale in the snippet) for the best template to count.
+    max_residual : float
+        For candidates: the most mean squared residual per sample (noise units; noise alone gives 1) the best
+        fit may leave, so the tail of another unit's spike that happens to correlate with a small template
+        is not claimed (inf: no limit).
     """
 
     def __init__(self, templates, voltage_noise, channel_index, max_shift: int = 1, min_snr: float = 10.0,
-                 min_scale: float = 0.6):
+                 min_scale: float = 0.6, max_residual: float = np.inf):
         tm = np.asarray(templates, dtype=np.float32)
         noise = np.asarray(voltage_noise, dtype=np.float32)
         if tm.ndim != 3 or tm.shape[2] != noise.shape[0]:
@@ -194,6 +217,7 @@ class TemplateMatcher:
         self.max_shift = int(max_shift)
         self.min_snr = float(min_snr)
         self.min_scale = float(min_scale)
+        self.max_residual = float(max_residual)
 
     @property
     def n_samples(self) -> int:
@@ -206,7 +230,7 @@ class TemplateMatcher:
             _match(np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                    self.channel_index, self.templates, np.ascontiguousarray(candidates, dtype=np.int32),
                    AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.max_shift, self.min_snr, self.min_scale,
-                   unit, gain)
+                   self.max_residual, unit, gain)
         return gain
 
 
@@ -277,7 +301,7 @@ class Assigner:
                np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within, self.candidates,
                m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], m.max_shift,
-               m.min_snr, m.min_scale, unit, dist)
+               m.min_snr, m.min_scale, m.max_residual, unit, dist)
         return unit, dist
 
     def assign(self, features: np.ndarray, xn: np.ndarray | None = None,
@@ -305,6 +329,8 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
     if track_rate is not None:
         cfg = replace(cfg, track_rate=float(track_rate))  # validated as the config's own
     matcher = TemplateMatcher(templates, voltage_noise, channel_index, cfg.template_max_shift,
-                              cfg.template_min_snr, cfg.template_min_scale) if cfg.template_candidates > 0 else None
+                              cfg.template_min_snr, cfg.template_min_scale,
+                              cfg.candidate_max_residual if cfg.candidate_max_residual > 0 else np.inf) \
+        if cfg.template_candidates > 0 else None
     return Assigner(centroids, centroid_unit, radius, cfg.track_rate, cfg.track_within, matcher,
                     cfg.template_candidates)

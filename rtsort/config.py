@@ -89,12 +89,15 @@ class DetectConfig:
 
     Events from ``candidate_threshold`` up to ``amp_threshold`` deep are
     candidates: training does not learn from them, and the runtime emits one
-    only when a unit's template claims it (0: no candidates).
+    only when a unit's template claims it (0: no candidates). Troughs at least
+    ``trough_threshold`` deep that no slope event explains are candidates too
+    (``rtsort.detect``, step 5; 0: none).
     """
 
     threshold: float = 2.5
     amp_threshold: float = 4.5
     candidate_threshold: float = 2.5
+    trough_threshold: float = 3.0
     slope_ms: float = 0.2
     polarity: str = "neg"  # "neg", "pos" or "both"
     radius_um: float = 50.0
@@ -107,6 +110,7 @@ class DetectConfig:
         _check_positive("detect.threshold", self.threshold)
         _check_positive("detect.amp_threshold", self.amp_threshold, allow_zero=True)
         _check_positive("detect.candidate_threshold", self.candidate_threshold, allow_zero=True)
+        _check_positive("detect.trough_threshold", self.trough_threshold, allow_zero=True)
         _check_positive("detect.slope_ms", self.slope_ms)
         _check_choice("detect.polarity", self.polarity, ("neg", "pos", "both"))
         _check_positive("detect.radius_um", self.radius_um, allow_zero=True)
@@ -221,12 +225,16 @@ class AssignConfig:
     template_min_snr: float = 10.0
     template_min_scale: float = 0.6
     template_max_shift: int = 1
+    # a candidate's best fit must also leave at most this mean squared residual per sample (noise units; noise
+    # alone: 1), so the tail of another unit's spike is not claimed by a small template; 0: no limit
+    candidate_max_residual: float = 1.5
 
     def __post_init__(self):
         _check_fractions("assign", self, ("track_rate", "track_within"))
         _check_ints("assign", self, ("template_candidates", "template_max_shift"), 0, 64)
         _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)
+        _check_positive("assign.candidate_max_residual", self.candidate_max_residual, allow_zero=True)
 
 
 @dataclass(frozen=True)

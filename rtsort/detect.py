@@ -18,10 +18,22 @@ implement exactly this, and tests check they agree event for event):
    are candidates that only a unit's template makes spikes: ``rtsort.pipeline``).
 4. Candidates are taken in order of t, then c; an event closer than
    ``refractory_ms`` to the previous accepted event on its channel is dropped.
+5. With ``trough_threshold`` > 0, a trough no slope event explains is a
+   candidate too (``kind`` TROUGH; slope events are SLOPE): a (tau, c) whose
+   voltage in noise units (signed as the score) is at least
+   ``trough_threshold`` deep, the lowest among the channels
+   within ``radius_um`` and the samples within ``sweep_ms``, with no slope
+   event's trough (steps 2-4) on those channels within ``sweep_ms``. Weak
+   units' spikes whose slope drowns in noise (the slope noise is about 1.4 x
+   the voltage noise) still have their trough, and so do spikes whose slope
+   a colliding spike hid; however deep, only a unit's template makes such a
+   candidate a spike. It is decided at sample ``tau + sweep + D``, when every
+   slope event that could explain it has been decided, and goes out in that
+   order.
 
-A candidate at t can be decided once sample ``t + D`` (D = max(sweep, search))
-has arrived; the kernel keeps ring buffers of the last samples and scores, so
-any chunking (1 sample to hours) gives identical events.
+A slope event at t can be decided once sample ``t + D`` (D = max(sweep,
+search)) has arrived; the kernel keeps ring buffers of the last samples and
+scores, so any chunking (1 sample to hours) gives identical events.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import numpy as np
 
 from .config import DetectConfig
 from .errors import ConfigError
-from .types import EVENT_DTYPE, Probe
+from .types import EVENT_DTYPE, SLOPE, TROUGH, Probe
 
 _POLARITY_CODES = {"neg": 0, "pos": 1, "both": 2}
 MAD_TO_SIGMA = 1.0 / 0.6744897501960817
@@ -45,6 +57,7 @@ class DetectParams:
 
     threshold: float
     amp_threshold: float  # the depth an event needs: the lower of amp_threshold and candidate_threshold
+    trough_threshold: float  # the depth of a trough candidate (step 5); 0: none
     slope: int
     sweep: int
     search: int
@@ -52,9 +65,19 @@ class DetectParams:
     polarity: int
 
     @property
+    def troughs(self) -> bool:
+        """Whether troughs without a slope event are handed over as candidates (step 5 of the definition)."""
+        return self.trough_threshold > 0
+
+    @property
     def delay(self) -> int:
         """Samples after a slope before its event can be decided."""
         return max(self.sweep, self.search)
+
+    @property
+    def max_age(self) -> int:
+        """The most samples an event's trough can lie behind the newest sample when it is decided."""
+        return self.delay + (self.sweep if self.troughs else 0)
 
     @classmethod
     def from_config(cls, cfg: DetectConfig, sampling_rate: float) -> "DetectParams":
@@ -65,6 +88,7 @@ class DetectParams:
             threshold=float(cfg.threshold),
             amp_threshold=float(min(cfg.amp_threshold, cfg.candidate_threshold) if cfg.candidate_threshold > 0
                                 else cfg.amp_threshold),
+            trough_threshold=float(cfg.trough_threshold),
             slope=max(1, samples(cfg.slope_ms)),
             sweep=samples(cfg.sweep_ms),
             search=samples(cfg.trough_search_ms),
@@ -150,36 +174,63 @@ def _extremum_after(xr, mask, tc, c, search, falling):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _detect_kernel(x, start, rings, state, clock, noise, thr, iparams, nbr, n_nbr, flags, out):
+def _lowest_trough(yr, marks, mask, nbr_c, n_nbr_c, tau, c, s, sweep):
+    """Whether trough score ``s`` at (tau, c) is the lowest within the neighbours and +/- sweep, with no
+    slope event's trough there (``marks`` holds, per ring row, the sample of the trough marked in it).
+    Ties go to the earlier sample, then the lower channel."""
+    for j in range(n_nbr_c):
+        q = nbr_c[j]
+        for dt in range(-sweep, sweep + 1):
+            r = (tau + dt) & mask
+            if marks[r, q] == tau + dt:
+                return False
+            if q == c and dt == 0:
+                continue
+            w = yr[r, q]
+            if w < s or (w == s and (dt < 0 or (dt == 0 and q < c))):
+                return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nbr, n_nbr, flags, out):
     """Feed samples ``x[start:]`` (float32, (n, C)) through the detector.
 
-    ``rings`` (2, R, C) float32: voltages and slope scores of the last R
-    samples, indexed by absolute sample & (R - 1). ``state`` (3, C) int64: per
-    channel the last accepted trough, the last sample at or below ``-amp_min``
-    and the last at or above ``amp_min``. A slope with no such sample since it
-    began cannot pass the depth test, so most noise slopes are rejected in one
-    vectorised pass over the channels instead of one by one. ``clock`` (2,)
-    int64: the absolute index of the next sample and of the stream's first.
-    ``noise`` (2, C) float32: inverse slope noise and ``amp_min`` (uV).
-    ``iparams``: slope, sweep, search, refractory (samples), polarity, R - 1.
-    ``flags`` is uint8 scratch, a multiple of 8 long, zero-padded. Events go
-    to ``out`` (EVENT_DTYPE); stops early when it could overflow. Returns
-    ``(n_events, next_row)``.
+    ``rings`` (3, R, C) float32: voltages, slope scores and trough scores (the
+    voltage in noise units, signed as the slope score) over the last R
+    samples, indexed by absolute sample & (R - 1); ``marks`` (R, C) int64:
+    the sample of each slope event's trough, in its row. ``state`` (3, C) int64: per channel the last accepted trough,
+    the last sample at or below ``-amp_min`` and the last at or above
+    ``amp_min``. A slope with no such sample since it began cannot pass the
+    depth test, so most noise slopes are rejected in one vectorised pass over
+    the channels instead of one by one. ``clock`` (2,) int64: the absolute
+    index of the next sample and of the stream's first. ``noise`` (3, C)
+    float32: inverse slope noise, ``amp_min`` (uV) and inverse voltage noise.
+    ``thr`` (2,) float32: slope threshold and trough candidate depth in
+    noise units. ``iparams``: slope, sweep, search, refractory (samples), polarity,
+    R - 1, troughs (0/1). ``flags`` is uint8 scratch, a multiple of 8 long,
+    zero-padded. Events go to ``out`` (EVENT_DTYPE); stops early when it
+    could overflow. Returns ``(n_events, next_row)``.
     """
     n, n_ch = x.shape
     slope, sweep, search, refr, polarity, mask = iparams[0], iparams[1], iparams[2], iparams[3], iparams[4], iparams[5]
+    troughs = iparams[6] != 0
     xr = rings[0]
     sr = rings[1]
+    yr = rings[2]
     last = state[0]
     low = state[1]
     high = state[2]
     inv_noise = noise[0]
     amp_min = noise[1]
+    inv_vnoise = noise[2]
+    s_thr = thr[0]
+    c_thr = -thr[1]
     t_first = clock[1]
     delay = max(sweep, search)
     cap = out.shape[0]
     words = flags.view(np.uint64)
-    # score = a * slope - b * |slope|: the slope (neg), its negation (pos), -|slope| (both)
+    # score = a * slope - b * |slope|: the slope (neg), its negation (pos), -|slope| (both); the same for troughs
     a = np.float32(1.0) if polarity == 0 else (np.float32(-1.0) if polarity == 1 else np.float32(0.0))
     b = np.float32(1.0) if polarity == 2 else np.float32(0.0)
     use_low = polarity != 1
@@ -188,7 +239,7 @@ def _detect_kernel(x, start, rings, state, clock, noise, thr, iparams, nbr, n_nb
     t_abs = clock[0]
     i = start
     while i < n:
-        if n_out + n_ch > cap:
+        if n_out + 2 * n_ch > cap:
             break
         # whole-row loops over 1-D views with few pointers each, so LLVM vectorises them
         xnew = xr[t_abs & mask]
@@ -198,6 +249,11 @@ def _detect_kernel(x, start, rings, state, clock, noise, thr, iparams, nbr, n_nb
         for c in range(n_ch):
             g = (xnew[c] - xold[c]) * inv_noise[c]
             srow[c] = a * g - b * abs(g)
+        if troughs:
+            yrow = yr[t_abs & mask]
+            for c in range(n_ch):
+                v = xnew[c] * inv_vnoise[c]
+                yrow[c] = a * v - b * abs(v)
         for c in range(n_ch):
             low[c] = t_abs if xnew[c] <= -amp_min[c] else low[c]
         for c in range(n_ch):
@@ -210,7 +266,7 @@ def _detect_kernel(x, start, rings, state, clock, noise, thr, iparams, nbr, n_nb
         pc = tc & mask
         scand = sr[pc]
         for c in range(n_ch):
-            flags[c] = (scand[c] <= -thr) & (((low[c] >= tc) & use_low) | ((high[c] >= tc) & use_high))
+            flags[c] = (scand[c] <= -s_thr) & (((low[c] >= tc) & use_low) | ((high[c] >= tc) & use_high))
         for wi in range(words.shape[0]):
             if words[wi] == 0:  # eight channels without a candidate
                 continue
@@ -230,23 +286,50 @@ def _detect_kernel(x, start, rings, state, clock, noise, thr, iparams, nbr, n_nb
                 if tt - last[c] <= refr:
                     continue
                 last[c] = tt
+                if troughs:
+                    marks[tt & mask, c] = tt
                 out[n_out].sample_index = tt
                 out[n_out].channel = c
                 out[n_out].amplitude = v
+                out[n_out].kind = 0
                 n_out += 1
+        tau = tc - sweep  # every slope event whose trough could lie within sweep of tau is decided by now
+        if not troughs or tau < t_first:
+            continue
+        pt = tau & mask
+        ycand = yr[pt]
+        if sweep > 0:  # a local minimum in time first (ties go to the earlier sample): one pass over the channels
+            yprev = yr[(tau - 1) & mask]
+            ynext = yr[(tau + 1) & mask]
+            for c in range(n_ch):
+                flags[c] = (ycand[c] <= c_thr) & (ycand[c] < yprev[c]) & (ycand[c] <= ynext[c])
+        else:
+            for c in range(n_ch):
+                flags[c] = ycand[c] <= c_thr
+        for wi in range(words.shape[0]):
+            if words[wi] == 0:
+                continue
+            for c in range(wi * 8, min(wi * 8 + 8, n_ch)):
+                if flags[c] and _lowest_trough(yr, marks, mask, nbr[c], n_nbr[c], tau, c, ycand[c], sweep):
+                    out[n_out].sample_index = tau
+                    out[n_out].channel = c
+                    out[n_out].amplitude = xr[pt, c]
+                    out[n_out].kind = 1
+                    n_out += 1
     clock[0] = t_abs
     return n_out, i
 
 
 def _kernel_noise(noise: np.ndarray, params: DetectParams):
-    """Inverse slope noise and the minimum trough depth (uV) the kernel works with."""
+    """Inverse slope noise, the minimum trough depth (uV) and the inverse voltage noise the kernel works with."""
     inv = (np.float32(1.0) / noise[0]).astype(np.float32)
     amp_min = (np.float32(params.amp_threshold) * noise[1]).astype(np.float32)
-    return inv, amp_min
+    inv_v = (np.float32(1.0) / noise[1]).astype(np.float32)
+    return inv, amp_min, inv_v
 
 
 def _ring_size(params: DetectParams) -> int:
-    need = params.slope + 2 * params.delay + params.sweep + 2
+    need = params.slope + 2 * params.delay + 2 * params.sweep + 2
     size = 1
     while size < need:
         size *= 2
@@ -279,9 +362,11 @@ class GradientDetector:
         self._n_nbr = (nbr >= 0).sum(1).astype(np.int32)
         ring = _ring_size(self.params)
         p = self.params
-        self._iparams = np.array([p.slope, p.sweep, p.search, p.refractory, p.polarity, ring - 1], dtype=np.int64)
-        self._thr = np.float32(p.threshold)
-        self._rings = np.zeros((2, ring, self.n_channels), dtype=np.float32)
+        self._iparams = np.array([p.slope, p.sweep, p.search, p.refractory, p.polarity, ring - 1, int(p.troughs)],
+                                 dtype=np.int64)
+        self._thr = np.array([p.threshold, p.trough_threshold], dtype=np.float32)
+        self._rings = np.zeros((3, ring, self.n_channels), dtype=np.float32)
+        self._marks = np.zeros((ring, self.n_channels), dtype=np.int64)
         self._state = np.zeros((3, self.n_channels), dtype=np.int64)
         self._clock = np.zeros(2, dtype=np.int64)
         self._out = np.zeros(max(int(capacity), 2 * self.n_channels), dtype=EVENT_DTYPE)
@@ -297,9 +382,20 @@ class GradientDetector:
         """Samples after a slope before its event is decided (the detector's look-ahead)."""
         return self.params.delay
 
+    @property
+    def max_event_age(self) -> int:
+        """The most samples an event's trough lies behind the newest sample when the event leaves."""
+        return self.params.max_age
+
+    @property
+    def event_ages(self) -> tuple:
+        """The most samples an event's trough lies behind the newest sample when it leaves, per ``kind``."""
+        return (self.params.delay, self.params.max_age)
+
     def reset(self, first_sample: int = 0) -> None:
         """Clear the state; the next sample fed has absolute index ``first_sample``."""
         self._rings[:] = 0
+        self._marks[:] = np.iinfo(np.int64).min
         self._state[:] = np.iinfo(np.int64).min // 2
         self._clock[:] = first_sample
 
@@ -336,7 +432,7 @@ class GradientDetector:
             raise ConfigError(f"chunk has shape {filtered.shape}, expected (n_samples, {self.n_channels})")
         if filtered.dtype != np.float32 or not filtered.flags.c_contiguous:
             filtered = np.ascontiguousarray(filtered, dtype=np.float32)
-        args = (self._rings, self._state, self._clock, self._noise, self._thr, self._iparams, self._nbr,
+        args = (self._rings, self._marks, self._state, self._clock, self._noise, self._thr, self._iparams, self._nbr,
                 self._n_nbr, self._flags, self._out)
         n_out, i = _detect_kernel(filtered, 0, *args)
         events = self._out[:n_out].copy()
@@ -363,7 +459,7 @@ def detect_reference(filtered: np.ndarray, noise_levels: np.ndarray, cfg: Detect
     p = DetectParams.from_config(cfg, sampling_rate)
     x = np.asarray(filtered, dtype=np.float32)
     n, n_ch = x.shape
-    inv, amp_min = _kernel_noise(np.asarray(noise_levels, dtype=np.float32), p)
+    inv, amp_min, inv_v = _kernel_noise(np.asarray(noise_levels, dtype=np.float32), p)
     xpad = np.vstack([np.zeros((p.slope, n_ch), np.float32), x])
     z = (x - xpad[:n]) * inv[None, :]
     score = z if p.polarity == 0 else (-z if p.polarity == 1 else -np.abs(z))
@@ -402,10 +498,36 @@ def detect_reference(filtered: np.ndarray, noise_levels: np.ndarray, cfg: Detect
         if tt - last[c] <= p.refractory:
             continue
         last[c] = tt
-        rows.append((tt, c, seg[k]))
+        rows.append((t, SLOPE, c, tt, seg[k]))  # decided at its slope sample t
+    if p.troughs:  # step 5: troughs no slope event explains, decided `sweep` samples after them
+        v = x * inv_v[None, :]
+        y = v if p.polarity == 0 else (-v if p.polarity == 1 else -np.abs(v))
+        marks = np.zeros((n, n_ch), bool)
+        for r in rows:
+            marks[r[3], r[2]] = True
+        last_tau = last_t - p.sweep
+        yc = y[: max(last_tau + 1, 0)]
+        tr_t, tr_c = np.nonzero(yc <= -np.float32(p.trough_threshold))
+        for tau, c in zip(tr_t, tr_c):
+            s = y[tau, c]
+            lo, hi = max(0, tau - p.sweep), tau + p.sweep + 1
+            dts = np.arange(lo, hi) - tau
+            ok = True
+            for q in nbr[c][nbr[c] >= 0]:
+                w = y[lo:hi, q]
+                beats = (w < s) | ((w == s) & ((dts < 0) | ((dts == 0) & (q < c))))
+                if q == c:
+                    beats &= dts != 0
+                if beats.any() or marks[lo:hi, q].any():
+                    ok = False
+                    break
+            if ok:
+                rows.append((tau + p.sweep, TROUGH, c, tau, x[tau, c]))
+    rows.sort(key=lambda r: r[:3])
     ev = np.zeros(len(rows), dtype=EVENT_DTYPE)
     if rows:
-        ev["sample_index"] = [r[0] for r in rows]
-        ev["channel"] = [r[1] for r in rows]
-        ev["amplitude"] = [r[2] for r in rows]
+        ev["sample_index"] = [r[3] for r in rows]
+        ev["channel"] = [r[2] for r in rows]
+        ev["amplitude"] = [r[4] for r in rows]
+        ev["kind"] = [r[1] for r in rows]
     return ev

@@ -161,7 +161,8 @@ def compare_detectors(filtered: np.ndarray, truth_index: np.ndarray, truth_unit:
 
     from .detect import GradientDetector
 
-    det = GradientDetector(replace(detect_cfg, candidate_threshold=0.0), probe, sampling_rate, noise_levels)
+    det = GradientDetector(replace(detect_cfg, candidate_threshold=0.0, trough_threshold=0.0), probe, sampling_rate,
+                           noise_levels)
     if noise_levels is None:
         det.calibrate(filtered[: int(detect_cfg.noise_window_s * sampling_rate)])
     truth = GroundTruth(truth_index, truth_unit, filtered, probe.positions_um, sampling_rate,

@@ -21,7 +21,7 @@ from .dsp import Preprocessor, preprocess_array
 from .errors import ConfigError
 from .io.recording import Recording
 from .snippets import SnippetExtractor
-from .types import EVENT_DTYPE, Probe
+from .types import EVENT_DTYPE, SLOPE, Probe
 
 log = logging.getLogger("rtsort.frontend")
 
@@ -72,7 +72,7 @@ class FrontEnd:
                                          offsets_to_uV)
         self.detector = GradientDetector(config.detect, probe, sampling_rate, noise_levels)
         self.snippets = (
-            SnippetExtractor(config.snippets, probe, sampling_rate, self.detector.delay_samples)
+            SnippetExtractor(config.snippets, probe, sampling_rate, self.detector.event_ages)
             if snippets else None
         )
         self._next_sample = 0
@@ -88,15 +88,16 @@ class FrontEnd:
         return self.detector.noise_levels
 
     def spike_mask(self, events: np.ndarray) -> np.ndarray:
-        """Events deep enough (``detect.amp_threshold``) to be spikes by themselves; the others are candidates."""
+        """Slope events deep enough (``detect.amp_threshold``) to be spikes by themselves; the others (shallower
+        slope events, and troughs without a slope) are candidates."""
         depth = np.float32(self.config.detect.amp_threshold) * self.noise_levels[1][events["channel"]]
-        return np.abs(events["amplitude"]) >= depth
+        return (np.abs(events["amplitude"]) >= depth) & (events["kind"] == SLOPE)
 
     @property
     def latency_floor_ms(self) -> float:
         """The algorithmic wait after a trough before its spike can leave (detector or snippet)."""
         nafter = self.snippets.nafter - 1 if self.snippets is not None else 0
-        return max(self.detector.delay_samples, nafter) * 1000.0 / self.sampling_rate
+        return max(self.detector.max_event_age, nafter) * 1000.0 / self.sampling_rate
 
     def calibrate(self, recording: Recording) -> np.ndarray:
         """Estimate the detector's noise levels from the start of ``recording``.

@@ -54,12 +54,18 @@ class SnippetExtractor:
     cfg : SnippetConfig
     probe : Probe
     sampling_rate : float
-    max_event_age : int
+    max_event_age : int or sequence of int
         The oldest an event's trough can be, in samples behind the newest
-        sample, when the event is handed in (the detector's look-ahead).
+        sample, when the event is handed in (the detector's look-ahead); a
+        sequence gives it per event ``kind`` (``rtsort.types``).
+
+    Events leave in one order whatever the chunking: an event is due
+    ``max(nafter - 1, its kind's age)`` samples after its trough (by then it
+    has been handed in and its snippet is complete), and the events of a
+    chunk leave by due sample, then trough, then channel.
     """
 
-    def __init__(self, cfg: SnippetConfig, probe: Probe, sampling_rate: float, max_event_age: int = 0):
+    def __init__(self, cfg: SnippetConfig, probe: Probe, sampling_rate: float, max_event_age=0):
         self.cfg = cfg
         self.sampling_rate = float(sampling_rate)
         self.nbefore = int(round(cfg.ms_before * sampling_rate / 1000.0))
@@ -72,8 +78,10 @@ class SnippetExtractor:
         self.k_channels = self.channel_index.shape[1]
         pos = probe.positions_um
         self.relative_positions = (pos[self.channel_index] - pos[:, None, :]).astype(np.float32)  # (C, K, 2)
+        ages = np.atleast_1d(np.asarray(max_event_age, dtype=np.int64))
+        self._due = np.maximum(ages, self.nafter - 1)  # samples from trough to due, per kind
         # history kept before each chunk: enough for the oldest pending or late event
-        self._keep = self.nbefore + self.nafter + int(max_event_age) + 1
+        self._keep = self.nbefore + self.nafter + int(ages.max()) + 1
         size = 1
         while size < self._keep:
             size *= 2
@@ -124,8 +132,12 @@ class SnippetExtractor:
         pending = np.concatenate([self._pending, events]) if self._pending.size else events
         if pending.size and pending["sample_index"].min() - self.nbefore < first_sample - self._keep:
             raise ConfigError("an event is older than the snippet ring buffer holds (max_event_age too small)")
-        ready = pending["sample_index"] + self.nafter <= stop
-        out_ev = pending[ready]
+        due = pending["sample_index"] + self._due[np.minimum(pending["kind"], self._due.size - 1)]
+        ready = due < stop
+        order = np.flatnonzero(ready)
+        if order.size > 1:
+            order = order[np.lexsort((pending["channel"][order], pending["sample_index"][order], due[order]))]
+        out_ev = pending[order]
         self._pending = pending[~ready]
         k = out_ev.size
         waveforms = np.empty((k, self.n_samples, self.k_channels), dtype=np.float32)

@@ -13,7 +13,10 @@ import numpy as np
 from .errors import ConfigError
 
 #: A detected event: trough sample (absolute), peak channel, trough amplitude (uV).
-EVENT_DTYPE = np.dtype([("sample_index", "<i8"), ("channel", "<i4"), ("amplitude", "<f4")])
+# a detected event; ``kind`` says how it was found (rtsort.detect): SLOPE (a sharp slope and its trough) or
+# TROUGH (a trough no slope event explains: always a candidate)
+EVENT_DTYPE = np.dtype([("sample_index", "<i8"), ("channel", "<i4"), ("amplitude", "<f4"), ("kind", "u1")])
+SLOPE, TROUGH = 0, 1
 
 
 # a labelled spike: the spikes contract's fields plus the distance to the nearest centroid

@@ -13,6 +13,7 @@ from rtsort.bundle import load_bundle
 from rtsort.errors import BundleError
 from rtsort.io import write_recording
 from rtsort.pipeline import Pipeline, sort_recording
+from rtsort.types import SLOPE
 
 
 @pytest.fixture
@@ -175,13 +176,15 @@ def test_candidates_leave_only_when_a_template_claims_them(small_sim, trained):
     b = load_bundle(trained[1])
     spikes, _ = sort_recording(rec, b, progress=False)
     depth = np.float32(b.config.detect.amp_threshold) * b.noise_levels[1].astype(np.float32)
+    cand = np.isnan(spikes["distance"])  # candidates are not encoded: no distance to a centroid
+    assert cand.sum() > 0.02 * spikes.size  # candidates do add spikes
+    assert np.all(spikes["unit"][cand] >= 0)
+    assert np.all(np.abs(spikes["amplitude"][~cand]) >= depth[spikes["channel"][~cand]])
     shallow = np.abs(spikes["amplitude"]) < depth[spikes["channel"]]
-    assert shallow.sum() > 0.02 * spikes.size  # candidates do add spikes
-    assert np.all(spikes["unit"][shallow] >= 0) and np.all(np.isnan(spikes["distance"][shallow]))
-    assert np.all(np.isfinite(spikes["distance"][~shallow]))
+    assert shallow.sum() and np.all(cand[shallow])  # shallow slope events and troughs alike
     events, _ = detect_recording(rec, b.config, progress=False, noise_levels=b.noise_levels)
-    assert np.all(np.abs(events["amplitude"]) >= depth[events["channel"]])
-    assert events.size == int((~shallow).sum())  # every spike leaves, labelled or not
+    assert np.all(np.abs(events["amplitude"]) >= depth[events["channel"]]) and np.all(events["kind"] == SLOPE)
+    assert events.size == int((~cand).sum())  # every spike leaves, labelled or not
 
 
 def test_pipeline_chunk_by_chunk(small_sim, trained):
@@ -300,8 +303,30 @@ def test_centroid_tracking_is_chunk_invariant_and_moves_centroids(small_sim, tra
     assert not np.array_equal(pipe.assigner.centroids, before)
     static, _ = sort_recording(rec, trained[1], progress=False)
     b = load_bundle(trained[1])
-    depth = np.float32(b.config.detect.amp_threshold) * b.noise_levels[1].astype(np.float32)
-    deep = lambda s: s[np.abs(s["amplitude"]) >= depth[s["channel"]]]  # noqa: E731  (candidates may differ)
+    deep = lambda s: s[np.isfinite(s["distance"])]  # noqa: E731  (the spikes; candidates may differ)
     assert np.array_equal(deep(static)["sample_index"], deep(a)["sample_index"])
     with pytest.raises(Exception, match="track_rate"):
         Pipeline(trained[1], track_rate=1.5)
+
+
+def test_a_candidate_must_leave_little_residual_a_spike_need_not():
+    """[assign] candidate_max_residual: a candidate that a template matches but does not explain (the tail of a
+    bigger spike on top) is not claimed; a deep spike with the same snippet (a collision) keeps its unit."""
+    rng = np.random.default_rng(3)
+    t_len, n_chan = 30, 3
+    noise = np.ones(n_chan, np.float32)
+    templates = (rng.normal(size=(1, t_len, n_chan)) * 3).astype(np.float32)  # |T| about 28
+    channel_index = np.arange(n_chan)[None, :].repeat(n_chan, 0)
+    clean = templates[0] + rng.normal(size=(t_len, n_chan)).astype(np.float32)
+    other = (rng.normal(size=(t_len, n_chan)) * 4).astype(np.float32)  # another unit's waveform: 16 per sample
+    x = np.stack([clean, clean + other]).astype(np.float32)
+    ch = np.zeros(2, np.int64)
+    cents = np.zeros((1, 2), np.float32)
+    for max_residual, want in ((1.5, [0, -1]), (np.inf, [0, 0])):
+        m = TemplateMatcher(templates, noise, channel_index, max_shift=1, min_snr=10.0, min_scale=0.6,
+                            max_residual=max_residual)
+        a = Assigner(cents, [0], [np.inf], matcher=m, candidates=1)
+        unit, _ = a.label(np.zeros((0, 2), np.float32), x, ch, np.zeros(2, bool))  # candidates
+        assert unit.tolist() == want, max_residual
+        unit, _ = a.label(np.zeros((2, 2), np.float32), x, ch, np.ones(2, bool))  # spikes: residual not limited
+        assert unit.tolist() == [0, 0]

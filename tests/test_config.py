@@ -24,6 +24,7 @@ def test_toml_roundtrip(tmp_path):
         ("[detect]\ncandidate_threshold = -2.0\n", "detect.candidate_threshold must be a finite number >= 0"),
         ("[assign]\ntemplate_candidates = 100\n", "assign.template_candidates must be an integer in [0, 64]"),
         ("[assign]\ntemplate_min_snr = -1.0\n", "assign.template_min_snr must be a finite number >= 0"),
+        ("[assign]\ncandidate_max_residual = -1.0\n", "assign.candidate_max_residual must be a finite number >= 0"),
         ("[cluster]\nselection = \"best\"\n", "cluster.selection must be 'eom' or 'leaf'"),
     ],
 )

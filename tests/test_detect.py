@@ -3,7 +3,7 @@ import pytest
 
 from rtsort.config import DetectConfig
 from rtsort.detect import GradientDetector, detect_reference, estimate_noise_levels
-from rtsort.types import Probe
+from rtsort.types import SLOPE, TROUGH, Probe
 
 FS = 30000.0
 
@@ -28,7 +28,7 @@ def test_single_spike_exact_index_channel_amplitude():
     cfg = DetectConfig(threshold=2.0, amp_threshold=3.0)
     det = GradientDetector(cfg, _line_probe(3), FS, _unit_noise(3))
     ev = det.process(x)
-    assert ev.tolist() == [(131, 1, -10.0)]
+    assert ev.tolist() == [(131, 1, -10.0, SLOPE)]
     assert detect_reference(x, _unit_noise(3), cfg, _line_probe(3), FS).tolist() == ev.tolist()
 
 
@@ -44,9 +44,20 @@ def test_shallow_slope_or_trough_is_rejected():
     x = np.zeros((500, 2), np.float32)
     _spike(x, 100, 0, 2.0)  # trough too shallow for amp_threshold 3
     _spike(x, 200, 1, 10.0, width=60)  # deep but slow: no sharp slope
-    det = GradientDetector(DetectConfig(threshold=2.0, amp_threshold=3.0, radius_um=0.0), _line_probe(2), FS,
-                           _unit_noise(2))
-    assert det.process(x).size == 0
+    cfg = DetectConfig(threshold=2.0, amp_threshold=3.0, candidate_threshold=0.0, trough_threshold=0.0, radius_um=0.0)
+    assert GradientDetector(cfg, _line_probe(2), FS, _unit_noise(2)).process(x).size == 0
+
+
+def test_a_trough_without_a_slope_is_a_candidate():
+    """Step 5: with candidates on, a deep trough no slope event explains comes out as a TROUGH candidate."""
+    x = np.zeros((500, 2), np.float32)
+    _spike(x, 100, 0, 2.0)  # shallower than the candidate depth: nothing
+    _spike(x, 200, 1, 10.0, width=60)  # deep but slow
+    _spike(x, 400, 0, 10.0)  # a sharp spike: a slope event, and its trough is not handed over twice
+    cfg = DetectConfig(threshold=2.0, amp_threshold=3.0, trough_threshold=2.5, radius_um=0.0)
+    ev = GradientDetector(cfg, _line_probe(2), FS, _unit_noise(2)).process(x)
+    assert ev.tolist() == [(200, 1, -10.0, TROUGH), (400, 0, -10.0, SLOPE)]
+    assert detect_reference(x, _unit_noise(2), cfg, _line_probe(2), FS).tolist() == ev.tolist()
 
 
 def test_spatial_dedup_keeps_the_steepest_neighbour():
@@ -66,7 +77,9 @@ def test_refractory_period_per_channel():
         _spike(x, t, 0, 10.0, width=3)
     cfg = DetectConfig(threshold=2.0, amp_threshold=3.0, refractory_ms=1.0, sweep_ms=0.1)
     ev = GradientDetector(cfg, _line_probe(1), FS, _unit_noise(1)).process(x)
-    assert ev["sample_index"].tolist() == [100, 200]
+    assert ev[ev["kind"] == SLOPE]["sample_index"].tolist() == [100, 200]
+    # the spike the refractory period hid still has its trough: a candidate that only a template makes a spike
+    assert ev[ev["kind"] == TROUGH]["sample_index"].tolist() == [115]
 
 
 def test_polarity_options():

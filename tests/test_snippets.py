@@ -49,13 +49,13 @@ def test_one_sample_chunks_wait_exactly_ms_after():
     from rtsort.types import EVENT_DTYPE, Probe
 
     probe = Probe(np.column_stack([np.zeros(3), 20.0 * np.arange(3)]))
-    ex = SnippetExtractor(SnippetConfig(ms_before=0.1, ms_after=0.2, n_channels=2), probe, 30000.0, 10)
+    ex = SnippetExtractor(SnippetConfig(ms_before=0.1, ms_after=0.2, n_channels=2), probe, 30000.0, 4)
     x = np.arange(300 * 3, dtype=np.float32).reshape(300, 3)
     ev = np.zeros(1, EVENT_DTYPE)
     ev["sample_index"] = 100
     out_at = None
     for t in range(300):
-        e, w, wait = ex.process(x[t : t + 1], t, ev if t == 104 else np.zeros(0, EVENT_DTYPE))
+        e, w, wait = ex.process(x[t : t + 1], t, ev if t == 104 else np.zeros(0, EVENT_DTYPE))  # 4 samples old
         if e.size:
             out_at, wf, wt = t, w, wait
     assert out_at == 105  # trough 100 + 6 samples after - 1
