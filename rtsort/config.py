@@ -176,6 +176,7 @@ class ClusterConfig:
     min_cluster_size: int = 20
     min_samples: int = 10
     selection: str = "eom"  # HDBSCAN's cluster_selection_method: "eom" (excess of mass) or "leaf" (finest)
+    split: bool = True  # split each group where its spikes on the group's own channels form several dense groups
     position_scale_um: float = 10.0  # 1 feature unit = this many um of spike position
     merge_threshold: float = 0.4  # relative template distance below which two clusters are one unit
     max_spikes: int = 40000  # clustering subsample; every spike is then labelled as the runtime labels it

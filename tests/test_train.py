@@ -152,3 +152,36 @@ def test_drift_merges_joins_units_that_take_turns_and_only_those():
     more = drift_merges(np.concatenate(units), np.concatenate(loc), np.concatenate(wf), np.concatenate(times),
                         ClusterConfig(), n_units=8)
     assert more.size == 8 and len(set(more.tolist())) == 7 and more[0] == more[1]
+
+
+def test_split_groups_separates_neighbours_of_one_shape_and_keeps_one_unit_whole():
+    """Two units of one waveform shape 20 um apart, put in one group, come apart on the group's own channels;
+    a single unit whose amplitude varies 0.7-1.3x stays one group."""
+    from rtsort.config import ClusterConfig
+    from rtsort.train.cluster import split_groups
+    from rtsort.types import Probe
+
+    rng = np.random.default_rng(5)
+    n_ch, k_chan, t_len = 8, 4, 30
+    probe = Probe(np.column_stack([np.zeros(n_ch), 20.0 * np.arange(n_ch)]))
+    channel_index = probe.nearest(k_chan)
+    t = np.linspace(0, 1, t_len)
+    shape = -np.exp(-((t - 0.4) / 0.06) ** 2) + 0.3 * np.exp(-((t - 0.6) / 0.1) ** 2)
+    profile = lambda centre: 8.0 * np.exp(-((np.arange(n_ch) - centre) / 1.2) ** 2)  # noqa: E731
+
+    def spikes(centre, n, scale=(1.0, 1.0)):
+        amp = profile(centre)[None, :] * rng.uniform(*scale, (n, 1))
+        full = shape[None, :, None] * amp[:, None, :] + rng.normal(0, 1, (n, t_len, n_ch))
+        peak = np.abs(full).max(axis=1).argmax(axis=1)  # each spike's snippet is centred on its peak channel
+        return np.take_along_axis(full, channel_index[peak][:, None, :], axis=2).astype(np.float32), peak
+
+    a, ca = spikes(3.0, 150)
+    b, cb = spikes(4.0, 150)
+    xn, ch = np.concatenate([a, b]), np.concatenate([ca, cb])
+    out = split_groups(np.zeros(300, np.int64), xn, ch, channel_index, n_ch, ClusterConfig(), seed=0)
+    assert out.max() + 1 >= 2
+    major = [np.bincount(out[s]).argmax() for s in (slice(0, 150), slice(150, 300))]
+    assert major[0] != major[1]
+    assert np.mean(out[:150] == major[0]) > 0.9 and np.mean(out[150:] == major[1]) > 0.9
+    one, c1 = spikes(3.5, 300, (0.7, 1.3))
+    assert np.all(split_groups(np.zeros(300, np.int64), one, c1, channel_index, n_ch, ClusterConfig()) == 0)

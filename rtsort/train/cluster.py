@@ -2,6 +2,9 @@
 
 1. HDBSCAN on the features (latent + position) of up to ``max_spikes`` spikes
    finds dense groups and leaves the rest as noise: no number of units to give.
+   Each group is then split where its spikes, read on the group's own
+   channels, form several dense groups (:func:`split_groups`): neighbouring
+   units of one shape share a group in the global feature space.
 2. Groups whose mean waveforms are the same unit (relative distance below
    ``merge_threshold`` after the best shift of +/-1 sample, on the channels both
    cover) are merged by average-linkage agglomerative clustering. A unit whose
@@ -71,6 +74,51 @@ def template_distances(templates: np.ndarray, counts: np.ndarray, max_shift: int
         best = min(np.linalg.norm(ta - np.roll(tb, s, axis=1)) for s in range(-max_shift, max_shift + 1))
         d[a, b] = d[b, a] = best / scale
     return d
+
+
+def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
+                 n_channels: int, cfg: ClusterConfig, seed: int = 0):
+    """Split each HDBSCAN group whose spikes form several dense groups of their own on the group's channels.
+
+    Neighbouring units of one waveform shape can share a group in the global
+    feature space. Within a group, every spike is read on the same channels
+    (the group's template's K largest, where its snippet has them; the
+    template fills the rest), so position shows as amplitude per channel;
+    HDBSCAN on 5 principal components of those waveforms finds the parts.
+    Spikes it leaves as noise join the nearest part. Parts of one unit (a
+    drifting one, seen at two depths) are joined again by the template merge
+    and the drift merge that follow. Returns the new groups.
+    """
+    from sklearn.decomposition import PCA
+
+    n_groups = int(groups.max()) + 1
+    tm = templates_on_probe(xn, channels, channel_index, groups, n_groups, n_channels)[0]  # (g, C, T)
+    k_chan = channel_index.shape[1]
+    slot = np.full((channel_index.shape[0], n_channels), -1, np.int64)  # slot[c, q]: q's place in c's snippet
+    slot[np.arange(channel_index.shape[0])[:, None], channel_index] = np.arange(k_chan)[None, :]
+    out = groups.copy()
+    for g in range(n_groups):
+        m = np.flatnonzero(groups == g)
+        if m.size < 2 * cfg.min_cluster_size:
+            continue
+        ptp = tm[g].max(axis=1) - tm[g].min(axis=1)
+        chans = np.argsort(ptp)[::-1][:k_chan]
+        where = slot[channels[m]][:, chans]  # (n, K)
+        w = np.take_along_axis(xn[m], np.maximum(where, 0)[:, None, :], axis=2)
+        w = np.where(where[:, None, :] >= 0, w, tm[g][chans].T[None])
+        pcs = PCA(min(5, m.size - 1), random_state=seed).fit_transform(w.reshape(m.size, -1))
+        part = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples,
+                       copy=True).fit_predict(pcs)
+        n_parts = int(part.max()) + 1
+        if n_parts < 2:
+            continue
+        centres = np.stack([pcs[part == j].mean(axis=0) for j in range(n_parts)])
+        part = np.where(part >= 0, part, ((pcs[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1))
+        ids = np.array([g] + list(range(out.max() + 1, out.max() + n_parts)))
+        out[m] = ids[part]
+        log.debug("group %d (%d spikes) split into %d on its own channels: %s", g, m.size, n_parts,
+                 np.bincount(part).tolist())
+    return out
 
 
 def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.ndarray, times_s: np.ndarray,
@@ -156,9 +204,13 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
     sub = np.sort(rng.choice(n, cfg.max_spikes, replace=False)) if n > cfg.max_spikes else np.arange(n)
     groups = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples,
                      cluster_selection_method=cfg.selection, copy=True).fit_predict(features[sub])
-    n_groups = int(groups.max()) + 1
-    log.info("HDBSCAN: %d groups from %d spikes (%.0f%% left as noise)", n_groups, sub.size,
+    log.info("HDBSCAN: %d groups from %d spikes (%.0f%% left as noise)", int(groups.max()) + 1, sub.size,
              100.0 * np.mean(groups < 0))
+    if groups.max() >= 0 and cfg.split:
+        before = int(groups.max()) + 1
+        groups = split_groups(groups, xn[sub], channels[sub], channel_index, positions.shape[0], cfg, seed)
+        log.info("split on their own channels: %d groups -> %d", before, int(groups.max()) + 1)
+    n_groups = int(groups.max()) + 1
     if n_groups == 0:
         empty = np.zeros((0, features.shape[1]), np.float32)
         return Clustering(empty, np.zeros(0, np.int32), np.zeros(0, np.float32), np.full(n, -1, np.int32), 0)
