@@ -40,18 +40,26 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     if info.get("bundle_manifest_sha256") != manifest_digest(b.path):
         raise BundleError(f"{phy_dir} was exported from bundle {info.get('bundle')}, not from {b.path}")
     b.check_recording(recording)
-    events, waveforms, fe = snippets_recording(recording, b.config, progress=progress, noise_levels=b.noise_levels)
+    run = {}  # the bundle's own featurizer and labelling, built on the pass's front end
+
+    def exported(fe, ev, wf):
+        """The events the bundle emitted (Phy's spikes): every spike, and the candidates a template claimed."""
+        if not run:
+            run["featurizer"] = make_featurizer(b, fe)
+            run["assigner"] = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates,
+                                            b.noise_levels[1], fe.snippets.channel_index, b.config.assign, 0.0)
+        deep = fe.spike_mask(ev)
+        features, xn = run["featurizer"].encode(wf, ev["channel"], deep)
+        return spikes_kept(fe, ev, run["assigner"].label(features, xn, ev["channel"], deep)[0])
+
+    # memory holds the emitted spikes only, not every noise crossing the detector handed over
+    events, waveforms, fe = snippets_recording(recording, b.config, progress=progress, noise_levels=b.noise_levels,
+                                               select=exported)
     ci = fe.snippets.channel_index
-    featurizer = make_featurizer(b, fe)
+    featurizer = run.get("featurizer") or make_featurizer(b, fe)
     latent, loc = encode_all(featurizer, waveforms, events["channel"], progress)
     features = featurizer.combine(latent, loc)
     xn = normalize_waveforms(waveforms, events["channel"], ci, b.noise_levels[1])
-    # the spikes the bundle emitted (Phy's spikes): every deep event, and the candidates a template claimed
-    deep = fe.spike_mask(events)
-    exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates, b.noise_levels[1], ci,
-                             b.config.assign, 0.0).label(features[deep], xn, events["channel"], deep)[0]
-    sel = spikes_kept(fe, events, exported)
-    events, waveforms, features, loc, xn = events[sel], waveforms[sel], features[sel], loc[sel], xn[sel]
     if events.size != times.size or not np.array_equal(events["sample_index"], times):
         raise BundleError(f"{phy_dir}: its {times.size} spikes are not this bundle's {events.size} spikes of "
                           f"{recording.source} (another recording, or a folder edited outside Phy)")
