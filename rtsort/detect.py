@@ -173,8 +173,15 @@ def _extremum_after(xr, mask, tc, c, search, falling):
     return tt, best
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _trough_score(xr, inv_vnoise, row, c, a, b):
+    """The voltage in noise units, signed as the slope score (a, b: see :func:`_detect_kernel`)."""
+    v = xr[row, c] * inv_vnoise[c]
+    return a * v - b * abs(v)
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _lowest_trough(yr, marks, mask, nbr_c, n_nbr_c, tau, c, s, sweep):
+def _lowest_trough(xr, inv_vnoise, a, b, marks, mask, nbr_c, n_nbr_c, tau, c, s, sweep):
     """Whether trough score ``s`` at (tau, c) is the lowest within the neighbours and +/- sweep, with no
     slope event's trough there (``marks`` holds, per ring row, the sample of the trough marked in it).
     Ties go to the earlier sample, then the lower channel."""
@@ -186,7 +193,7 @@ def _lowest_trough(yr, marks, mask, nbr_c, n_nbr_c, tau, c, s, sweep):
                 return False
             if q == c and dt == 0:
                 continue
-            w = yr[r, q]
+            w = _trough_score(xr, inv_vnoise, r, q, a, b)
             if w < s or (w == s and (dt < 0 or (dt == 0 and q < c))):
                 return False
     return True
@@ -196,11 +203,10 @@ def _lowest_trough(yr, marks, mask, nbr_c, n_nbr_c, tau, c, s, sweep):
 def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nbr, n_nbr, flags, out):
     """Feed samples ``x[start:]`` (float32, (n, C)) through the detector.
 
-    ``rings`` (3, R, C) float32: voltages, slope scores and trough scores (the
-    voltage in noise units, signed as the slope score) over the last R
+    ``rings`` (2, R, C) float32: voltages and slope scores over the last R
     samples, indexed by absolute sample & (R - 1); ``marks`` (R, C) int64:
-    the sample of each slope event's trough, in its row. ``state`` (3, C) int64: per channel the last accepted trough,
-    the last sample at or below ``-amp_min`` and the last at or above
+    the sample of each slope event's trough, in its row. ``state`` (3, C)
+    int64: per channel the last accepted trough, the last sample at or below ``-amp_min`` and the last at or above
     ``amp_min``. A slope with no such sample since it began cannot pass the
     depth test, so most noise slopes are rejected in one vectorised pass over
     the channels instead of one by one. ``clock`` (2,) int64: the absolute
@@ -217,7 +223,6 @@ def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nb
     troughs = iparams[6] != 0
     xr = rings[0]
     sr = rings[1]
-    yr = rings[2]
     last = state[0]
     low = state[1]
     high = state[2]
@@ -249,11 +254,6 @@ def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nb
         for c in range(n_ch):
             g = (xnew[c] - xold[c]) * inv_noise[c]
             srow[c] = a * g - b * abs(g)
-        if troughs:
-            yrow = yr[t_abs & mask]
-            for c in range(n_ch):
-                v = xnew[c] * inv_vnoise[c]
-                yrow[c] = a * v - b * abs(v)
         for c in range(n_ch):
             low[c] = t_abs if xnew[c] <= -amp_min[c] else low[c]
         for c in range(n_ch):
@@ -297,20 +297,18 @@ def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nb
         if not troughs or tau < t_first:
             continue
         pt = tau & mask
-        ycand = yr[pt]
-        if sweep > 0:  # a local minimum in time first (ties go to the earlier sample): one pass over the channels
-            yprev = yr[(tau - 1) & mask]
-            ynext = yr[(tau + 1) & mask]
-            for c in range(n_ch):
-                flags[c] = (ycand[c] <= c_thr) & (ycand[c] < yprev[c]) & (ycand[c] <= ynext[c])
-        else:
-            for c in range(n_ch):
-                flags[c] = ycand[c] <= c_thr
+        pp = (tau - 1) & mask
+        pn = (tau + 1) & mask
+        for c in range(n_ch):  # deep enough, and a local minimum in time (ties go to the earlier sample)
+            y = _trough_score(xr, inv_vnoise, pt, c, a, b)
+            flags[c] = (y <= c_thr) & ((sweep == 0) | ((y < _trough_score(xr, inv_vnoise, pp, c, a, b)) &
+                                                       (y <= _trough_score(xr, inv_vnoise, pn, c, a, b))))
         for wi in range(words.shape[0]):
             if words[wi] == 0:
                 continue
             for c in range(wi * 8, min(wi * 8 + 8, n_ch)):
-                if flags[c] and _lowest_trough(yr, marks, mask, nbr[c], n_nbr[c], tau, c, ycand[c], sweep):
+                if flags[c] and _lowest_trough(xr, inv_vnoise, a, b, marks, mask, nbr[c], n_nbr[c], tau, c,
+                                               _trough_score(xr, inv_vnoise, pt, c, a, b), sweep):
                     out[n_out].sample_index = tau
                     out[n_out].channel = c
                     out[n_out].amplitude = xr[pt, c]
@@ -365,7 +363,7 @@ class GradientDetector:
         self._iparams = np.array([p.slope, p.sweep, p.search, p.refractory, p.polarity, ring - 1, int(p.troughs)],
                                  dtype=np.int64)
         self._thr = np.array([p.threshold, p.trough_threshold], dtype=np.float32)
-        self._rings = np.zeros((3, ring, self.n_channels), dtype=np.float32)
+        self._rings = np.zeros((2, ring, self.n_channels), dtype=np.float32)
         self._marks = np.zeros((ring, self.n_channels), dtype=np.int64)
         self._state = np.zeros((3, self.n_channels), dtype=np.int64)
         self._clock = np.zeros(2, dtype=np.int64)

@@ -192,9 +192,8 @@ def _front_end(recording: Recording, config: Config, noise_levels, snippets: boo
 
 
 def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
-                     noise_levels=None, stop: int | None = None,
-                     candidates: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Detect every spike (with ``candidates``, every event) of a recording through the streaming front end.
+                     noise_levels=None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Detect every spike of a recording through the streaming front end (candidates need a bundle's templates).
 
     Returns
     -------
@@ -202,11 +201,9 @@ def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0,
     noise_levels : ndarray of shape (2, n_channels), float32
     """
     fe = _front_end(recording, config, noise_levels, snippets=False)
-    pieces = [out.events for out in _stream(fe, recording, chunk_s, progress, stop, "detect")]
-    events = np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)
-    if not candidates:
-        events = events[fe.spike_mask(events)]
-    return events, fe.noise_levels
+    pieces = [out.events[fe.spike_mask(out.events)] for out in _stream(fe, recording, chunk_s, progress, stop,
+                                                                       "detect")]
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)), fe.noise_levels
 
 
 def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,

@@ -59,9 +59,10 @@ def make_featurizer(bundle: Bundle, front: FrontEnd, threads: int = 1) -> Featur
                       bundle.features["position_scale_um"])
 
 
-def spikes_kept(front: FrontEnd, events: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """Which labelled events are spikes: the deep ones, and the candidates a unit's template claimed."""
-    return (unit >= 0) | front.spike_mask(events)
+def spikes_kept(deep: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Which labelled events leave: the spikes (``deep``, from ``FrontEnd.spike_mask``), and the candidates a
+    unit's template claimed."""
+    return deep | (unit >= 0)
 
 
 class Pipeline:
@@ -144,7 +145,7 @@ class Pipeline:
         features, xn = self.featurizer.encode(out.waveforms, ev["channel"], deep)
         t3 = time.perf_counter_ns()
         unit, dist = self.assigner.label(features, xn, ev["channel"], deep)
-        keep = deep | (unit >= 0)
+        keep = spikes_kept(deep, unit)
         if not deep.all():
             n_keep = int(np.count_nonzero(keep))
             self.n_candidates_claimed += n_keep - int(np.count_nonzero(deep))

@@ -114,8 +114,8 @@ def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, chann
             continue
         centres = np.stack([pcs[part == j].mean(axis=0) for j in range(n_parts)])
         part = np.where(part >= 0, part, ((pcs[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1))
-        ids = np.array([g] + list(range(out.max() + 1, out.max() + n_parts)))
-        out[m] = ids[part]
+        nxt = int(out.max()) + 1  # the first part keeps the group's number, the others take new ones
+        out[m] = np.r_[g, nxt:nxt + n_parts - 1][part]
         log.debug("group %d (%d spikes) split into %d on its own channels: %s", g, m.size, n_parts,
                  np.bincount(part).tolist())
     return out

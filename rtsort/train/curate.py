@@ -22,11 +22,11 @@ from ..assign import Assigner, make_assigner
 from ..bundle import load_bundle, save_bundle
 from ..errors import BundleError
 from ..features import normalize_waveforms
-from ..frontend import snippets_recording
+from ..frontend import FrontEnd
 from ..io.phy import manifest_digest, read_curation
 from ..pipeline import make_featurizer, spikes_kept
 from .cluster import centroids_and_radii, label_spikes
-from .train import encode_all, unit_table
+from .train import emitted_snippets, encode_all, unit_table
 
 log = logging.getLogger("rtsort.train")
 
@@ -40,26 +40,18 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     if info.get("bundle_manifest_sha256") != manifest_digest(b.path):
         raise BundleError(f"{phy_dir} was exported from bundle {info.get('bundle')}, not from {b.path}")
     b.check_recording(recording)
-    run = {}  # the bundle's own featurizer and labelling, built on the pass's front end
-
-    def exported(fe, ev, wf):
-        """The events the bundle emitted (Phy's spikes): every spike, and the candidates a template claimed."""
-        if not run:
-            run["featurizer"] = make_featurizer(b, fe)
-            run["assigner"] = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates,
-                                            b.noise_levels[1], fe.snippets.channel_index, b.config.assign, 0.0)
-        deep = fe.spike_mask(ev)
-        features, xn = run["featurizer"].encode(wf, ev["channel"], deep)
-        return spikes_kept(fe, ev, run["assigner"].label(features, xn, ev["channel"], deep)[0])
-
-    # memory holds the emitted spikes only, not every noise crossing the detector handed over
-    events, waveforms, fe = snippets_recording(recording, b.config, progress=progress, noise_levels=b.noise_levels,
-                                               select=exported)
+    # the spikes the bundle emitted (Phy's spikes), labelled chunk by chunk with the bundle's own featurizer
+    fe = FrontEnd.for_recording(b.config, recording, b.noise_levels)
     ci = fe.snippets.channel_index
-    featurizer = run.get("featurizer") or make_featurizer(b, fe)
+    featurizer = make_featurizer(b, fe)
+    exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates, b.noise_levels[1], ci,
+                             b.config.assign, 0.0)
+    events, waveforms, _ = emitted_snippets(recording, b.config, b.noise_levels, exported, featurizer, progress,
+                                            "exported spikes")
     latent, loc = encode_all(featurizer, waveforms, events["channel"], progress)
     features = featurizer.combine(latent, loc)
     xn = normalize_waveforms(waveforms, events["channel"], ci, b.noise_levels[1])
+    deep = fe.spike_mask(events)
     if events.size != times.size or not np.array_equal(events["sample_index"], times):
         raise BundleError(f"{phy_dir}: its {times.size} spikes are not this bundle's {events.size} spikes of "
                           f"{recording.source} (another recording, or a folder edited outside Phy)")
@@ -80,9 +72,8 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     centroid_unit = np.array([unit_of_cluster.get(int(c), -1) for c in cluster_of_group], np.int32)
     centroids, radius = centroids_and_radii(features, groups_of_spike, n_groups, features, b.config.cluster)
     labels, templates = label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, events["channel"],
-                                     ci, b.noise_levels[1], len(kept), b.config.assign,
-                                     np.flatnonzero(fe.spike_mask(events)))
-    now = spikes_kept(fe, events, labels)  # what the curated bundle will emit
+                                     ci, b.noise_levels[1], len(kept), b.config.assign, np.flatnonzero(deep))
+    now = spikes_kept(deep, labels)  # what the curated bundle will emit
     units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
                           b.noise_levels, recording, 0)
     for row, c in zip(units, kept):

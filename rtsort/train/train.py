@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..assign import make_assigner
 from ..bundle import save_bundle
 from ..config import Config
 from ..errors import RecordingError
-from ..assign import make_assigner
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import snippets_recording
+from ..pipeline import labelled, spikes_kept
 from .cluster import cluster, drift_merges, label_spikes, templates_on_probe
 from .metrics import unit_metrics
 
@@ -73,34 +74,42 @@ def unit_table(labels, n_units: int, events, waveforms, channel_index, features,
     return units, tm_uv
 
 
-def claimed_candidates(recording, config: Config, noise: np.ndarray, assigner, progress: bool):
-    """A second pass over the recording: the candidates (events shallower than spikes) a template claims.
+def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, featurizer=None, progress: bool = True,
+                     desc: str = "candidates"):
+    """A pass over the recording, labelled chunk by chunk as the runtime labels it: the events it emits.
 
-    Returns their events, snippets (uV) and units, as the runtime labels them.
+    With ``featurizer``, every spike and the candidates a template claims
+    (what the runtime sends out); without, only the claimed candidates (for a
+    caller that holds the spikes already). Memory holds those snippets only,
+    not every noise crossing the detector hands over. Returns their events,
+    snippets (uV) and units.
     """
-    units = []  # the claimed candidates' units, chunk by chunk, in the order their snippets are kept
+    units = []  # the kept events' units, chunk by chunk, in the order their snippets are kept
 
-    def claimed(fe, ev, wf):
-        cand = ~fe.spike_mask(ev)
-        if cand.any():
+    def emitted(fe, ev, wf):
+        deep = fe.spike_mask(ev)
+        if featurizer is not None:
+            features, xn = featurizer.encode(wf, ev["channel"], deep)
+            unit = assigner.label(features, xn, ev["channel"], deep)[0]
+            keep = spikes_kept(deep, unit)
+        else:  # candidates only: no encoder needed
+            unit = np.full(ev.size, -1, np.int32)
+            cand = ~deep
             xn = normalize_waveforms(wf[cand], ev["channel"][cand], fe.snippets.channel_index, noise[1])
-            unit = assigner.label(np.zeros((0, assigner.n_features), np.float32), xn, ev["channel"][cand],
-                                  np.zeros(xn.shape[0], bool))[0]
-            cand[cand] = unit >= 0
-            units.append(unit[unit >= 0])
-        return cand
+            unit[cand] = assigner.label(np.zeros((0, assigner.n_features), np.float32), xn, ev["channel"][cand],
+                                        np.zeros(xn.shape[0], bool))[0]
+            keep = unit >= 0
+        units.append(unit[keep])
+        return keep
 
-    ev, wf, _ = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=claimed,
-                                   desc="candidates")
-    log.info("%d candidates claimed by a unit's template", ev.size)
+    ev, wf, _ = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=emitted,
+                                   desc=desc)
     return ev, wf, np.concatenate(units) if units else np.zeros(0, np.int32)
 
 
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
                  progress: bool = True) -> TrainResult:
     """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring)."""
-    from ..pipeline import labelled
-
     config = config or Config()
     out_dir = Path(out_dir)
     timings = {}
@@ -111,13 +120,13 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
                                                select=lambda f, ev, wf: f.spike_mask(ev))
     timings["detect_s"] = time.perf_counter() - t0
     log.info("%d spikes in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
+    if events.size < MIN_SPIKES:
+        raise RecordingError(f"{recording.source}: only {events.size} spikes detected in "
+                             f"{recording.duration_s:.1f} s; at least {MIN_SPIKES} are needed to train")
     snip = fe.snippets
     channels = events["channel"]
     noise = fe.noise_levels
     xn = normalize_waveforms(waveforms, channels, snip.channel_index, noise[1])
-    if events.size < MIN_SPIKES:
-        raise RecordingError(f"{recording.source}: only {events.size} spikes detected in "
-                             f"{recording.duration_s:.1f} s; at least {MIN_SPIKES} are needed to train")
     rng = np.random.default_rng(seed)
     n_fit = min(events.size, config.train.max_snippets)
     fit_idx = np.sort(rng.choice(events.size, n_fit, replace=False))
@@ -170,8 +179,9 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
         assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates, noise[1], snip.channel_index,
                                  config.assign, 0.0)
-        c_ev, c_wf, c_lab = claimed_candidates(recording, config, noise, assigner, progress)
+        c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress)
         n_claimed = c_ev.size
+        log.info("%d candidates claimed by a unit's template", n_claimed)
         if n_claimed:  # what the runtime emits: every spike, and the claimed candidates
             c_lat, c_loc = encode_all(featurizer, c_wf, c_ev["channel"], progress)
             events = np.concatenate([events, c_ev])
