@@ -10,7 +10,8 @@ of its ``template_candidates`` nearest centroids). A :class:`TemplateMatcher`
 then picks, among them, the unit whose mean waveform (the bundle's template,
 scaled by the best amplitude in ``AMPLITUDE_RANGE`` and shifted by up to
 ``template_max_shift`` samples) explains most of the snippet's energy in noise
-units. The spike stays unassigned unless that template also passes as a
+units, less ``amplitude_prior`` x (a - 1)^2 |T|^2 for a scale a away from the
+template's own size. The spike stays unassigned unless that template also passes as a
 matched filter, ``<x, T> / |T|`` >= ``template_min_snr`` (noise alone gives
 0 +/- 1), at a scale ``<x, T> / |T|^2`` >= ``template_min_scale`` (a small
 neighbour's spike does not pass for a big unit's). This gate is what lets
@@ -89,15 +90,18 @@ def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dis
 
 
 @numba.njit(cache=True, nogil=True)
-def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, max_residual):
+def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
+               max_residual):
     """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain).
 
-    gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels (a clipped to
-    [amin, amax]); the best fit must reach ``min_snr`` as a matched filter, <x, T> / ||T||, and a raw scale
+    gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels; the fit maximises
+    gain - ``prior`` (a - 1)^2 ||T||^2, so a = (<x, T> + prior ||T||^2) / ((1 + prior) ||T||^2) clipped to
+    [amin, amax]. The best fit must reach ``min_snr`` as a matched filter, <x, T> / ||T||, and a raw scale
     <x, T> / ||T||^2 of at least ``min_scale``, and leave at most ``max_residual`` of mean squared residual
     per sample (noise alone: 1) plus ``RESIDUAL_OF_FIT`` of the fitted template's energy.
     """
     t_len, n_k = x.shape
+    best_p = -np.inf  # the penalised gain that chooses
     best_g = -np.inf
     best_u = -1
     best_z = 0.0
@@ -120,10 +124,12 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift
                     nrm += w * w
             if nrm <= 0.0:
                 continue
-            a = min(max(dot / nrm, amin), amax)
-            g = 2.0 * a * dot - a * a * nrm
-            if g > best_g:
-                best_g = g
+            a = min(max((dot + prior * nrm) / ((1.0 + prior) * nrm), amin), amax)
+            p = 2.0 * a * dot - a * a * nrm - prior * (a - 1.0) * (a - 1.0) * nrm
+            if p > best_p:
+                best_p = p
+                a = min(max(dot / nrm, amin), amax)  # the unit is chosen; its own best fit is judged
+                best_g = 2.0 * a * dot - a * a * nrm
                 best_u = u
                 best_z = dot / np.sqrt(nrm)
                 best_a = dot / nrm
@@ -139,19 +145,19 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, max_shift
 
 
 @numba.njit(cache=True, nogil=True)
-def _match(xn, channels, channel_index, templates, candidates, amin, amax, max_shift, min_snr, min_scale, max_residual,
-           unit, gain):
+def _match(xn, channels, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
+           max_residual, unit, gain):
     """:func:`_match_one` for every spike not already rejected (``unit`` < 0 stays; its gain is NaN)."""
     for i in range(xn.shape[0]):
         gain[i] = np.nan
         if unit[i] >= 0:
             unit[i], gain[i] = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin, amax,
-                                          max_shift, min_snr, min_scale, max_residual)
+                                          prior, max_shift, min_snr, min_scale, max_residual)
 
 
 @numba.njit(cache=True, nogil=True)
 def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate, within, n_cand, near_units,
-           channel_index, templates, amin, amax, max_shift, min_snr, min_scale, max_residual, unit, dist):
+           channel_index, templates, amin, amax, prior, max_shift, min_snr, min_scale, max_residual, unit, dist):
     """Every event of a chunk in one pass: spikes (``deep``, rows of ``features`` in order) by nearest centroid and
     template fit among the short list; candidates by template fit among ``near_units`` of their channel, which
     must also leave at most ``max_residual`` (a spike's residual is not limited: collisions stay labelled)."""
@@ -167,12 +173,12 @@ def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate,
                                             top_d, top_j)
             r += 1
             if unit[i] >= 0:
-                unit[i] = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, max_shift, min_snr,
-                                     min_scale, np.inf)[0]
+                unit[i] = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, prior, max_shift,
+                                     min_snr, min_scale, np.inf)[0]
         else:
             dist[i] = np.nan
-            unit[i] = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, max_shift, min_snr,
-                                 min_scale, max_residual)[0]
+            unit[i] = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, prior, max_shift,
+                                 min_snr, min_scale, max_residual)[0]
 
 
 class TemplateMatcher:
@@ -192,6 +198,9 @@ class TemplateMatcher:
         Matched-filter output ``<x, T> / |T|`` the best template must reach, else the spike is unassigned.
     min_scale : float
         Least ``<x, T> / |T|^2`` (the template's scale in the snippet) for the best template to count.
+    amplitude_prior : float
+        Cost of a scale a away from 1, as ``amplitude_prior`` x (a - 1)^2 |T|^2 of squared residual: the fit
+        prefers a unit's template at about its own size (0: any scale in ``AMPLITUDE_RANGE`` is free).
     max_residual : float
         For candidates: the most mean squared residual per sample (noise units; noise alone gives 1) the best
         fit may leave, so the tail of another unit's spike that happens to correlate with a small template
@@ -199,7 +208,7 @@ class TemplateMatcher:
     """
 
     def __init__(self, templates, voltage_noise, channel_index, max_shift: int = 1, min_snr: float = 10.0,
-                 min_scale: float = 0.6, max_residual: float = np.inf):
+                 min_scale: float = 0.6, max_residual: float = np.inf, amplitude_prior: float = 0.0):
         tm = np.asarray(templates, dtype=np.float32)
         noise = np.asarray(voltage_noise, dtype=np.float32)
         if tm.ndim != 3 or tm.shape[2] != noise.shape[0]:
@@ -218,6 +227,7 @@ class TemplateMatcher:
         self.min_snr = float(min_snr)
         self.min_scale = float(min_scale)
         self.max_residual = float(max_residual)
+        self.amplitude_prior = float(amplitude_prior)
 
     @property
     def n_samples(self) -> int:
@@ -229,8 +239,8 @@ class TemplateMatcher:
         if unit.shape[0]:
             _match(np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                    self.channel_index, self.templates, np.ascontiguousarray(candidates, dtype=np.int32),
-                   AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.max_shift, self.min_snr, self.min_scale,
-                   self.max_residual, unit, gain)
+                   AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.amplitude_prior, self.max_shift, self.min_snr,
+                   self.min_scale, self.max_residual, unit, gain)
         return gain
 
 
@@ -300,8 +310,8 @@ class Assigner:
         _label(np.ascontiguousarray(features, dtype=np.float32), np.ascontiguousarray(deep, dtype=np.bool_),
                np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within, self.candidates,
-               m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], m.max_shift,
-               m.min_snr, m.min_scale, m.max_residual, unit, dist)
+               m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1],
+               m.amplitude_prior, m.max_shift, m.min_snr, m.min_scale, m.max_residual, unit, dist)
         return unit, dist
 
     def assign(self, features: np.ndarray, xn: np.ndarray | None = None,
@@ -330,7 +340,8 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
         cfg = replace(cfg, track_rate=float(track_rate))  # validated as the config's own
     matcher = TemplateMatcher(templates, voltage_noise, channel_index, cfg.template_max_shift,
                               cfg.template_min_snr, cfg.template_min_scale,
-                              cfg.candidate_max_residual if cfg.candidate_max_residual > 0 else np.inf) \
+                              cfg.candidate_max_residual if cfg.candidate_max_residual > 0 else np.inf,
+                              cfg.amplitude_prior) \
         if cfg.template_candidates > 0 else None
     return Assigner(centroids, centroid_unit, radius, cfg.track_rate, cfg.track_within, matcher,
                     cfg.template_candidates)

@@ -229,6 +229,9 @@ class AssignConfig:
     # a candidate's best fit must also leave at most this mean squared residual per sample (noise units; noise
     # alone: 1), so the tail of another unit's spike is not claimed by a small template; 0: no limit
     candidate_max_residual: float = 1.5
+    # a template's scale a costs amplitude_prior x (a - 1)^2 x |T|^2 in the fit (noise units): a spike is its own
+    # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
+    amplitude_prior: float = 1.0
 
     def __post_init__(self):
         _check_fractions("assign", self, ("track_rate", "track_within"))
@@ -236,6 +239,7 @@ class AssignConfig:
         _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)
         _check_positive("assign.candidate_max_residual", self.candidate_max_residual, allow_zero=True)
+        _check_positive("assign.amplitude_prior", self.amplitude_prior, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -330,3 +330,29 @@ def test_a_candidate_must_leave_little_residual_a_spike_need_not():
         assert unit.tolist() == want, max_residual
         unit, _ = a.label(np.zeros((2, 2), np.float32), x, ch, np.ones(2, bool))  # spikes: residual not limited
         assert unit.tolist() == [0, 0]
+
+
+def test_amplitude_prior_prefers_a_template_at_its_own_size():
+    """[assign] amplitude_prior: a spike of unit 0 at its usual size, with noise that leans towards a smaller
+    neighbour's shape, is explained a little better by that neighbour's template stretched 1.5 times. Scale-free,
+    the neighbour takes it; with the prior, which charges (a - 1)^2 |T|^2 for the stretch, unit 0 keeps it."""
+    rng = np.random.default_rng(5)
+    t_len, n_chan = 30, 3
+    shape = rng.normal(size=(t_len, n_chan)) * 3  # |T| about 28
+    lean = rng.normal(size=(t_len, n_chan))
+    lean -= shape * (lean * shape).sum() / (shape * shape).sum()  # what tells the neighbour from unit 0
+    lean *= 6.0 / np.sqrt((lean * lean).sum())
+    templates = np.stack([shape, (shape + lean) / 1.5]).astype(np.float32)
+    x = (shape + 0.9 * lean + 0.3 * rng.normal(size=(t_len, n_chan))).astype(np.float32)[None]
+    noise = np.ones(n_chan, np.float32)
+    channel_index = np.arange(n_chan)[None, :].repeat(n_chan, 0)
+    candidates = np.array([[0, 1]], np.int32)
+    for prior, want in ((0.0, 1), (1.0, 0)):
+        m = TemplateMatcher(templates, noise, channel_index, max_shift=0, min_snr=10.0, min_scale=0.6,
+                            amplitude_prior=prior)
+        unit = np.zeros(1, np.int32)
+        gain = m.match(x, np.zeros(1, np.int64), candidates, unit)
+        assert unit[0] == want, prior
+        # the gain reported is the chosen unit's own scale-free fit (what the residual limit judges)
+        np.testing.assert_allclose(gain[0], _gain_reference(x[0], templates, channel_index, 0, want, 0),
+                                   rtol=1e-4)

@@ -25,6 +25,7 @@ def test_toml_roundtrip(tmp_path):
         ("[assign]\ntemplate_candidates = 100\n", "assign.template_candidates must be an integer in [0, 64]"),
         ("[assign]\ntemplate_min_snr = -1.0\n", "assign.template_min_snr must be a finite number >= 0"),
         ("[assign]\ncandidate_max_residual = -1.0\n", "assign.candidate_max_residual must be a finite number >= 0"),
+        ("[assign]\namplitude_prior = -0.5\n", "assign.amplitude_prior must be a finite number >= 0"),
         ("[cluster]\nselection = \"best\"\n", "cluster.selection must be 'eom' or 'leaf'"),
     ],
 )
