@@ -251,7 +251,8 @@ class Assigner:
     ----------
     centroids : ndarray (n, F) float32
     centroid_unit : ndarray (n,) int
-        The unit each centroid belongs to (-1: a centroid of noise).
+        The unit each centroid belongs to (-1: a centroid of noise, whose spikes are unassigned;
+        ``rtsort.types.TAIL``: a centroid of a unit's tails, whose events are not spikes).
     radius : ndarray (n,) float32
         Rejection distance of each centroid (inf = never reject).
     track_rate, track_within : float

@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .config import Config
 from .errors import BundleError, ConfigError
-from .types import Probe
+from .types import TAIL, Probe
 
 log = logging.getLogger("rtsort.bundle")
 
@@ -228,8 +228,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path}: centroids.npy has shape {c.shape}, expected (n, {n_feat})")
     if cu.shape != (c.shape[0],) or cr.shape != (c.shape[0],):
         raise BundleError(f"{path}: {c.shape[0]} centroids but {cu.shape} units and {cr.shape} radii")
-    if cu.size and (cu.min() < -1 or cu.max() >= len(units)):  # -1: a curated "noise" centroid
-        raise BundleError(f"{path}: centroid_unit refers to units outside -1..{len(units) - 1}")
+    if cu.size and (cu.min() < TAIL or cu.max() >= len(units)):  # -1: a "noise" centroid; TAIL: a unit's tails
+        raise BundleError(f"{path}: centroid_unit refers to units outside {TAIL}..{len(units) - 1}")
     if tm.ndim != 3 or tm.shape[0] != len(units) or tm.shape[2] != n_channels:
         raise BundleError(f"{path}: templates.npy has shape {tm.shape}, expected ({len(units)}, T, {n_channels})")
     log.debug("bundle %s: %d units, %d centroids, %d channels", path, len(units), c.shape[0], n_channels)

@@ -189,13 +189,18 @@ class ClusterConfig:
     drift_merge_similarity: float = 0.9
     drift_merge_anticorrelation: float = 0.7
     drift_bin_s: float = 2.0
+    # a unit is a bigger unit's tail (dropped) when more than tail_fraction of its spikes lie 0.2 to
+    # tail_max_lag_ms from one of that unit's spikes (0: keep every unit)
+    tail_fraction: float = 0.5
+    tail_max_lag_ms: float = 2.0
 
     def __post_init__(self):
         _check_positive("cluster.drift_merge_um", self.drift_merge_um, allow_zero=True)
+        _check_positive("cluster.tail_max_lag_ms", self.tail_max_lag_ms)
         _check_positive("cluster.drift_bin_s", self.drift_bin_s)
         if self.selection not in ("eom", "leaf"):
             raise ConfigError(f"cluster.selection must be 'eom' or 'leaf', got {self.selection!r}")
-        _check_fractions("cluster", self, ("drift_merge_similarity", "drift_merge_anticorrelation"))
+        _check_fractions("cluster", self, ("drift_merge_similarity", "drift_merge_anticorrelation", "tail_fraction"))
         _check_ints("cluster", self, ("min_cluster_size", "min_samples", "max_spikes"), 2)
         _check_positive("cluster.position_scale_um", self.position_scale_um)
         _check_positive("cluster.merge_threshold", self.merge_threshold, allow_zero=True)

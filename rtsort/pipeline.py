@@ -25,7 +25,7 @@ from .bundle import Bundle, load_bundle
 from .errors import BundleError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
-from .types import SPIKE_DTYPE
+from .types import SPIKE_DTYPE, TAIL
 
 log = logging.getLogger("rtsort.pipeline")
 
@@ -60,9 +60,9 @@ def make_featurizer(bundle: Bundle, front: FrontEnd, threads: int = 1) -> Featur
 
 
 def spikes_kept(deep: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """Which labelled events leave: the spikes (``deep``, from ``FrontEnd.spike_mask``), and the candidates a
-    unit's template claimed."""
-    return deep | (unit >= 0)
+    """Which labelled events leave: the spikes (``deep``, from ``FrontEnd.spike_mask``) but those nearest a
+    tail centroid (a bigger spike's late phase, seen again), and the candidates a unit's template claimed."""
+    return (deep & (unit != TAIL)) | (unit >= 0)
 
 
 class Pipeline:
@@ -97,6 +97,7 @@ class Pipeline:
         self.n_skipped = 0  # detected but not encoded (overload)
         self.n_candidates_dropped = 0  # shallow events no template claimed: not spikes
         self.n_candidates_claimed = 0  # shallow events a template claimed: spikes (in n_spikes)
+        self.n_tails = 0  # spikes nearest a tail centroid: a bigger spike's late phase, not spikes
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
     def warmup(self) -> None:
@@ -146,10 +147,11 @@ class Pipeline:
         t3 = time.perf_counter_ns()
         unit, dist = self.assigner.label(features, xn, ev["channel"], deep)
         keep = spikes_kept(deep, unit)
-        if not deep.all():
-            n_keep = int(np.count_nonzero(keep))
-            self.n_candidates_claimed += n_keep - int(np.count_nonzero(deep))
-            self.n_candidates_dropped += keep.size - n_keep
+        if not keep.all() or not deep.all():
+            n_claimed = int(np.count_nonzero(keep & ~deep))
+            self.n_candidates_claimed += n_claimed
+            self.n_candidates_dropped += int(np.count_nonzero(~deep)) - n_claimed
+            self.n_tails += int(np.count_nonzero(deep & ~keep))
             ev, unit, dist = ev[keep], unit[keep], dist[keep]
         st[3] = t3 - t2
         st[4] = time.perf_counter_ns() - t3
@@ -175,9 +177,9 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
             bar.update(n)
     dt = time.perf_counter() - t0
     spikes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=SPIKE_DTYPE)
-    log.info("sorted %.1f s of %d channels in %.1f s (%.1fx real time): %d spikes, %d unassigned",
-             recording.duration_s, recording.n_channels, dt, recording.duration_s / max(dt, 1e-9), spikes.size,
-             int(np.sum(spikes["unit"] < 0)))
+    log.info("sorted %.1f s of %d channels in %.1f s (%.1fx real time): %d spikes, %d unassigned; %d tails of "
+             "bigger spikes dropped", recording.duration_s, recording.n_channels, dt,
+             recording.duration_s / max(dt, 1e-9), spikes.size, int(np.sum(spikes["unit"] < 0)), pipe.n_tails)
     return spikes, dt
 
 
@@ -308,7 +310,8 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             sink.close()
         src.close()
     counts.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped,
-                  candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped)
+                  candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped,
+                  tails_dropped=pipe.n_tails)
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
     counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))

@@ -17,6 +17,9 @@ from .errors import ConfigError
 # TROUGH (a trough no slope event explains: always a candidate)
 EVENT_DTYPE = np.dtype([("sample_index", "<i8"), ("channel", "<i4"), ("amplitude", "<f4"), ("kind", "u1")])
 SLOPE, TROUGH = 0, 1
+# centroid_unit of a centroid of a unit's tails (training's tail_units): the late phase of a bigger spike, seen
+# again; its events are not spikes and do not leave (-1 marks a centroid of noise, whose spikes leave unassigned)
+TAIL = -2
 
 
 # a labelled spike: the spikes contract's fields plus the distance to the nearest centroid

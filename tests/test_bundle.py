@@ -13,7 +13,7 @@ from rtsort.bundle import load_bundle
 from rtsort.errors import BundleError
 from rtsort.io import write_recording
 from rtsort.pipeline import Pipeline, sort_recording
-from rtsort.types import SLOPE
+from rtsort.types import SLOPE, TAIL
 
 
 @pytest.fixture
@@ -174,7 +174,8 @@ def test_candidates_leave_only_when_a_template_claims_them(small_sim, trained):
 
     rec, _, _ = small_sim
     b = load_bundle(trained[1])
-    spikes, _ = sort_recording(rec, b, progress=False)
+    pipe = Pipeline(b, rec.gains_to_uV, rec.offsets_to_uV)
+    spikes = np.concatenate([pipe.process(c.samples) for c in rec.iter_chunks(30000)])
     depth = np.float32(b.config.detect.amp_threshold) * b.noise_levels[1].astype(np.float32)
     cand = np.isnan(spikes["distance"])  # candidates are not encoded: no distance to a centroid
     assert cand.sum() > 0.02 * spikes.size  # candidates do add spikes
@@ -184,7 +185,9 @@ def test_candidates_leave_only_when_a_template_claims_them(small_sim, trained):
     assert shallow.sum() and np.all(cand[shallow])  # shallow slope events and troughs alike
     events, _ = detect_recording(rec, b.config, progress=False, noise_levels=b.noise_levels)
     assert np.all(np.abs(events["amplitude"]) >= depth[events["channel"]]) and np.all(events["kind"] == SLOPE)
-    assert events.size == int((~cand).sum())  # every spike leaves, labelled or not
+    # every spike leaves, labelled or not, but the tails (a big unit's late phase, clustered as a unit of its own)
+    assert (b.centroid_unit == TAIL).any() and pipe.n_tails > 0
+    assert events.size == int((~cand).sum()) + pipe.n_tails
 
 
 def test_pipeline_chunk_by_chunk(small_sim, trained):
@@ -269,6 +272,10 @@ def test_phy_export_and_curation_round_trip(small_sim, trained, tmp_path):
     nb = load_bundle(out)
     assert nb.n_units == summary["units_after"] == b.n_units - 2  # one merged away, one called noise
     assert (nb.centroid_unit == -1).any()
+    # the tails' centroids are not in Phy (their events never left) and carry over as they were
+    tails = b.centroid_unit == TAIL
+    assert tails.any() and summary["tail_centroids"] == int(tails.sum())
+    np.testing.assert_array_equal(nb.centroids[nb.centroid_unit == TAIL], b.centroids[tails])
     new, _ = sort_recording(rec, out, progress=False)
     # the deep spikes are the same; shallow candidates are spikes only when a unit's template claims them
     key = lambda s: s["sample_index"] * 1000 + s["channel"]  # noqa: E731
@@ -304,7 +311,9 @@ def test_centroid_tracking_is_chunk_invariant_and_moves_centroids(small_sim, tra
     static, _ = sort_recording(rec, trained[1], progress=False)
     b = load_bundle(trained[1])
     deep = lambda s: s[np.isfinite(s["distance"])]  # noqa: E731  (the spikes; candidates may differ)
-    assert np.array_equal(deep(static)["sample_index"], deep(a)["sample_index"])
+    # the same spikes leave, but for the odd one that tracking moved into or out of a tail centroid's reach
+    moved = np.setxor1d(deep(static)["sample_index"], deep(a)["sample_index"])
+    assert moved.size <= 0.01 * deep(static).size, moved.size
     with pytest.raises(Exception, match="track_rate"):
         Pipeline(trained[1], track_rate=1.5)
 

@@ -285,8 +285,10 @@ def test_overload_skips_encoding_and_keeps_lag_bounded(small_sim, trained):
     stats = run_stream(trained[1], f"file:{rec.source}", [], duration=6.0, speed=50.0, max_lag_ms=5.0)
     ref = run_stream(trained[1], f"file:{rec.source}", [], duration=6.0)
     assert stats["late_chunks"] > 0 and stats["skipped_encoding"] > 0
-    # every spike still emitted; only the shallow candidates, which need a template, are not
-    assert stats["spikes"] - stats["candidates_claimed"] == ref["spikes"] - ref["candidates_claimed"]
+    # every spike still emitted; only the shallow candidates, which need a template, are not; a tail (a bigger
+    # spike's late phase) is known only by labelling, so unlabelled chunks let theirs out, unassigned
+    deep = lambda st: st["spikes"] - st["candidates_claimed"] + st["tails_dropped"]  # noqa: E731
+    assert deep(stats) == deep(ref) and ref["tails_dropped"] > stats["tails_dropped"]
 
 
 def test_realtime_request_is_granted_or_refused_with_a_warning():

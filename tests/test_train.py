@@ -185,3 +185,30 @@ def test_split_groups_separates_neighbours_of_one_shape_and_keeps_one_unit_whole
     assert np.mean(out[:150] == major[0]) > 0.9 and np.mean(out[150:] == major[1]) > 0.9
     one, c1 = spikes(3.5, 300, (0.7, 1.3))
     assert np.all(split_groups(np.zeros(300, np.int64), one, c1, channel_index, n_ch, ClusterConfig()) == 0)
+
+
+def test_tail_units_are_the_units_locked_to_a_bigger_neighbour():
+    """A unit made of a big unit's late phase (its events 1 ms after that unit's) is a tail; an independent
+    neighbour, a tail-like train 200 um away, and the big unit itself are not; tail_fraction 0 keeps all."""
+    from rtsort.config import ClusterConfig
+    from rtsort.train.cluster import tail_units
+
+    rng = np.random.default_rng(4)
+    fs, dur = 30000.0, 60.0
+    big = np.sort(rng.choice(int(fs * dur) - 100, 600, replace=False))
+    near = np.sort(rng.choice(int(fs * dur), 500, replace=False))  # an independent neighbour at 10 Hz
+    echo = big[rng.random(big.size) < 0.8] + 31  # 80 % of the big spikes' repolarisation crosses the threshold
+    far = big[rng.random(big.size) < 0.8] + 31  # the same lag, but 200 um away: not this unit's waveform
+    units = np.concatenate([np.full(big.size, 0), np.full(near.size, 1), np.full(echo.size, 2),
+                            np.full(far.size, 3), [-1]])
+    samples = np.concatenate([big, near, echo, far, [5]])
+    centre = np.array([[0.0, 0.0], [0.0, 20.0], [0.0, 10.0], [0.0, 200.0]])
+    locations = np.concatenate([centre[u] + rng.normal(0, 3, (n, 2))
+                                for u, n in enumerate([big.size, near.size, echo.size, far.size])] + [[[0.0, 0.0]]])
+    size = np.array([12.0, 5.0, 4.0, 4.0])
+    tail = tail_units(units, samples, locations, size, fs, ClusterConfig(), 4)
+    assert tail.tolist() == [False, False, True, False]
+    # of two locked units the smaller is the tail, whichever comes first
+    swapped = tail_units(units, samples, locations, size[[2, 1, 0, 3]], fs, ClusterConfig(), 4)
+    assert swapped.tolist() == [True, False, False, False]
+    assert not tail_units(units, samples, locations, size, fs, ClusterConfig(tail_fraction=0.0), 4).any()

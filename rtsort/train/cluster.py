@@ -10,7 +10,9 @@
    cover) are merged by average-linkage agglomerative clustering. A unit whose
    spikes peak on two channels is found as two groups and merged here.
 3. Units that are one neuron split by drift (near, alike, and taking turns
-   over time) are joined (:func:`drift_merges`).
+   over time) are joined (:func:`drift_merges`); units that are a bigger
+   unit's tails (their spikes locked to its spikes at a lag of 0.2-2 ms) are
+   dropped (:func:`tail_units`).
 4. Every group keeps its own centroid, labelled with its unit, and a rejection
    radius: ``reject_factor`` x the ``reject_quantile`` of its members' distances.
 """
@@ -32,6 +34,8 @@ log = logging.getLogger("rtsort.train")
 FAR = 1e3  # template distance of groups that cannot be compared
 # counts correlate by chance with a spread of about 1/sqrt(bins): 20 bins put -0.7 at 3 sigma for unrelated units
 MIN_DRIFT_BINS = 20
+TAIL_MIN_LAG_MS = 0.2  # closer than this, two units' events are one spike seen twice, not a tail
+TAIL_UM = 100.0  # a tail unit sits this close to its parent
 
 
 @dataclass
@@ -177,6 +181,54 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
                      float(wf[a] @ wf[b]), corr[a, b])
     roots = np.array([root(i) for i in range(n)])
     return np.unique(roots, return_inverse=True)[1]
+
+
+def tail_units(units: np.ndarray, samples: np.ndarray, locations: np.ndarray, size: np.ndarray,
+               sampling_rate: float, cfg: ClusterConfig, n_units: int = 0) -> np.ndarray:
+    """Units that are another unit's tails; return a bool mask over units.
+
+    A big spike's late phase (its repolarisation, about 1 ms after the trough)
+    crosses the detector's threshold too, on the same channels, and those
+    events cluster into a unit of their own. Such a unit's spikes follow (or
+    precede) a bigger unit's spikes at a lag between ``TAIL_MIN_LAG_MS`` and
+    ``tail_max_lag_ms``: more than ``tail_fraction`` of them, where two
+    independent neurons at 10 Hz share such a window for 2 % of their spikes.
+
+    Parameters
+    ----------
+    units : (k,) int, unit of each spike (-1 = none)
+    samples : (k,) int, sample index of each spike
+    locations : (k, 2) um
+    size : (n_units,) each unit's template peak in noise units (the bigger unit is the parent)
+    """
+    n = max(int(units.max()) + 1 if units.size else 0, n_units)
+    tail = np.zeros(n, bool)
+    if n < 2 or cfg.tail_fraction <= 0:
+        return tail
+    lo = int(round(TAIL_MIN_LAG_MS * sampling_rate / 1000.0))
+    hi = int(round(cfg.tail_max_lag_ms * sampling_rate / 1000.0))
+    trains = [np.sort(samples[units == u]) for u in range(n)]
+    with warnings.catch_warnings():  # a unit without spikes has no position and is nobody's tail
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loc = np.stack([np.median(locations[units == u], axis=0) for u in range(n)])
+    near = np.linalg.norm(loc[:, None] - loc[None], axis=2) <= TAIL_UM
+
+    def share(t, parent, a, b):  # fraction of spikes t with a parent spike in [t + a, t + b]
+        j = np.searchsorted(parent, t + a)
+        return np.mean((j < parent.size) & (parent[np.minimum(j, parent.size - 1)] <= t + b))
+
+    for b in range(n):
+        for a in np.flatnonzero(near[b] & (size > size[b])):
+            if trains[b].size == 0 or trains[a].size == 0:
+                continue
+            f = max(share(trains[b], trains[a], -hi, -lo), share(trains[b], trains[a], lo, hi))
+            if f > cfg.tail_fraction:
+                tail[b] = True
+                log.info("unit %d (%d spikes, %.1f x noise) is unit %d's tail (%.1f x noise): %.0f %% of its spikes "
+                         "lie %.1f-%.1f ms from one of unit %d's; dropped", b, trains[b].size, size[b], a, size[a],
+                         100 * f, TAIL_MIN_LAG_MS, cfg.tail_max_lag_ms, a)
+                break
+    return tail
 
 
 def centroids_and_radii(members: np.ndarray, groups: np.ndarray, n_groups: int, features: np.ndarray,

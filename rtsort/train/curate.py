@@ -25,6 +25,7 @@ from ..features import normalize_waveforms
 from ..frontend import FrontEnd
 from ..io.phy import manifest_digest, read_curation
 from ..pipeline import make_featurizer, spikes_kept
+from ..types import TAIL
 from .cluster import centroids_and_radii, label_spikes
 from .train import emitted_snippets, encode_all, unit_table
 
@@ -71,6 +72,10 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     cluster_of_group = ids[big] % span  # each kept (old centroid, curated cluster) pair's cluster
     centroid_unit = np.array([unit_of_cluster.get(int(c), -1) for c in cluster_of_group], np.int32)
     centroids, radius = centroids_and_radii(features, groups_of_spike, n_groups, features, b.config.cluster)
+    tails = b.centroid_unit == TAIL  # not in Phy (their events never left): they keep marking tails
+    centroids = np.concatenate([centroids, b.centroids[tails]])
+    radius = np.concatenate([radius, b.centroid_radius[tails]])
+    centroid_unit = np.concatenate([centroid_unit, b.centroid_unit[tails]]).astype(np.int32)
     labels, templates = label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, events["channel"],
                                      ci, b.noise_levels[1], len(kept), b.config.assign, np.flatnonzero(deep))
     now = spikes_kept(deep, labels)  # what the curated bundle will emit
@@ -81,7 +86,7 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
         row["phy_group"] = groups.get(int(c), "unsorted")
     summary = {"phy_dir": str(Path(phy_dir).resolve()), "units_before": b.n_units, "units_after": len(kept),
                "noise_clusters": sorted(int(c) for c in np.unique(clusters) if groups.get(int(c)) == NOISE),
-               "centroids": n_groups, "unassigned_fraction": float(np.mean(labels[now] < 0))}
+               "centroids": n_groups, "tail_centroids": int(tails.sum()), "unassigned_fraction": float(np.mean(labels[now] < 0))}
     training = dict(b.manifest.get("training", {}))
     training["curation"] = summary
     save_bundle(out_dir, config=b.config, sampling_rate=b.sampling_rate, probe=b.probe, noise_levels=b.noise_levels,

@@ -25,7 +25,8 @@ from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import snippets_recording
 from ..pipeline import labelled, spikes_kept
-from .cluster import cluster, drift_merges, label_spikes, templates_on_probe
+from ..types import TAIL
+from .cluster import cluster, drift_merges, label_spikes, tail_units, templates_on_probe
 from .metrics import unit_metrics
 
 log = logging.getLogger("rtsort.train")
@@ -177,6 +178,18 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             if joined.max() + 1 == n_units:
                 break
             centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
+        size = np.abs(templates / noise[1][None, None, :]).max(axis=(1, 2)) if n_units else np.zeros(0)
+        tail = tail_units(labels, events["sample_index"], loc, size, recording.sampling_rate, config.cluster, n_units)
+        if tail.any():  # a tail's centroids mark its events as tails: they do not leave, as at run time
+            kept = np.where(tail, TAIL, np.cumsum(~tail) - 1)
+            centroid_unit = np.where(centroid_unit >= 0, kept[np.maximum(centroid_unit, 0)], centroid_unit)
+            centroid_unit = centroid_unit.astype(np.int32)
+            n_units = int(np.count_nonzero(~tail))
+            labels, templates = label_spikes(clu.centroids, centroid_unit, clu.radius, features, waveforms, xn,
+                                             channels, snip.channel_index, noise[1], n_units, config.assign)
+            spike = labels != TAIL
+            events, waveforms, features, loc, labels = (a[spike] for a in (events, waveforms, features, loc, labels))
+            log.info("%d events of %d tail units are not spikes", int(np.count_nonzero(~spike)), int(tail.sum()))
         assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates, noise[1], snip.channel_index,
                                  config.assign, 0.0)
         c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress)
