@@ -237,6 +237,8 @@ class AssignConfig:
     # a template's scale a costs amplitude_prior x (a - 1)^2 x |T|^2 in the fit (noise units): a spike is its own
     # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
     amplitude_prior: float = 1.0
+    # subtract every labelled spike's template and look again for spikes it hid (collisions; rtsort.peel)
+    peel: bool = True
 
     def __post_init__(self):
         _check_fractions("assign", self, ("track_rate", "track_within"))

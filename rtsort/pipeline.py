@@ -25,11 +25,12 @@ from .bundle import Bundle, load_bundle
 from .errors import BundleError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
+from .peel import Peeler
 from .types import SPIKE_DTYPE, TAIL
 
 log = logging.getLogger("rtsort.pipeline")
 
-STAGES = ("preprocess", "detect", "snippets", "encode", "assign")
+STAGES = ("preprocess", "detect", "snippets", "encode", "assign", "peel")
 _NO_SPIKES = np.zeros(0, dtype=SPIKE_DTYPE)
 _NO_SPIKES.flags.writeable = False  # shared by every chunk without spikes
 
@@ -92,12 +93,15 @@ class Pipeline:
         self.assigner = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates,
                                       b.noise_levels[1], self.front.snippets.channel_index, b.config.assign,
                                       track_rate)
+        self.peeler = Peeler(self.front, b.templates, self.assigner.matcher) \
+            if b.config.assign.peel and self.assigner.matcher is not None else None
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
         self.n_candidates_dropped = 0  # shallow events no template claimed: not spikes
         self.n_candidates_claimed = 0  # shallow events a template claimed: spikes (in n_spikes)
         self.n_tails = 0  # spikes nearest a tail centroid: a bigger spike's late phase, not spikes
+        self.last_peeled = 0  # how many of the last chunk's spikes (its last ones) the peeler found
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
     def warmup(self) -> None:
@@ -108,9 +112,13 @@ class Pipeline:
         deep = np.array([True, False])  # a spike and a candidate: both paths compiled
         features, xn = self.featurizer.encode(np.zeros((2, s.n_samples, s.k_channels), np.float32), ch, deep)
         self.assigner.copy().label(features, xn, ch, deep)  # a scratch copy: warming must not move tracked centroids
+        if self.peeler is not None:
+            self.peeler.warmup()
 
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
+        if self.peeler is not None:
+            self.peeler.reset(first_sample)
 
     def process(self, samples: np.ndarray, encode: bool = True) -> np.ndarray:
         """One chunk of raw samples (n, C) -> the spikes it completed (SPIKE_DTYPE), labelled.
@@ -133,31 +141,40 @@ class Pipeline:
         st = self.stage_ns
         st[1] = self.front.last_detect_ns
         st[2] = t2 - t1 - st[1]
-        st[3] = st[4] = 0
+        st[3] = st[4] = st[5] = 0
+        xn = None
         if ev.size == 0:
-            return _NO_SPIKES
-        if not encode:  # candidates need a template to be spikes: only the deep events leave
+            spikes = _NO_SPIKES
+        elif not encode:  # candidates need a template to be spikes: only the deep events leave
             ev = ev[self.front.spike_mask(ev)]
-            self.n_spikes += ev.size
             self.n_skipped += ev.size
-            self.n_unassigned += ev.size
-            return labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
-        deep = self.front.spike_mask(ev)
-        features, xn = self.featurizer.encode(out.waveforms, ev["channel"], deep)
-        t3 = time.perf_counter_ns()
-        unit, dist = self.assigner.label(features, xn, ev["channel"], deep)
-        keep = spikes_kept(deep, unit)
-        if not keep.all() or not deep.all():
-            n_claimed = int(np.count_nonzero(keep & ~deep))
-            self.n_candidates_claimed += n_claimed
-            self.n_candidates_dropped += int(np.count_nonzero(~deep)) - n_claimed
-            self.n_tails += int(np.count_nonzero(deep & ~keep))
-            ev, unit, dist = ev[keep], unit[keep], dist[keep]
-        st[3] = t3 - t2
-        st[4] = time.perf_counter_ns() - t3
-        self.n_spikes += ev.size
-        self.n_unassigned += int(np.count_nonzero(unit < 0))
-        return labelled(ev, unit, dist) if ev.size else _NO_SPIKES
+            spikes = labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
+        else:
+            deep = self.front.spike_mask(ev)
+            features, xn = self.featurizer.encode(out.waveforms, ev["channel"], deep)
+            t3 = time.perf_counter_ns()
+            unit, dist = self.assigner.label(features, xn, ev["channel"], deep)
+            keep = spikes_kept(deep, unit)
+            if not keep.all() or not deep.all():
+                n_claimed = int(np.count_nonzero(keep & ~deep))
+                self.n_candidates_claimed += n_claimed
+                self.n_candidates_dropped += int(np.count_nonzero(~deep)) - n_claimed
+                self.n_tails += int(np.count_nonzero(deep & ~keep))
+                ev, unit, dist, xn = ev[keep], unit[keep], dist[keep], xn[keep]
+            st[3] = t3 - t2
+            st[4] = time.perf_counter_ns() - t3
+            spikes = labelled(ev, unit, dist) if ev.size else _NO_SPIKES
+        self.last_peeled = 0
+        if self.peeler is not None:  # fed every chunk: the residual stream must stay whole
+            t5 = time.perf_counter_ns()
+            pev, punit = self.peeler.process(filtered, spikes, xn, label=encode)
+            if pev.size:  # at the end of the chunk's spikes, a little later than the others
+                spikes = np.concatenate([spikes, labelled(pev, punit, np.full(pev.size, np.nan, np.float32))])
+                self.last_peeled = pev.size
+            st[5] = time.perf_counter_ns() - t5
+        self.n_spikes += spikes.size
+        self.n_unassigned += int(np.count_nonzero(spikes["unit"] < 0))
+        return spikes
 
 
 def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = True, threads: int = 1,
@@ -177,6 +194,8 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
             bar.update(n)
     dt = time.perf_counter() - t0
     spikes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=SPIKE_DTYPE)
+    # in time order: peeled spikes leave a little later than the others (the stream's order depends on chunking)
+    spikes = spikes[np.lexsort((spikes["channel"], spikes["sample_index"]))]
     log.info("sorted %.1f s of %d channels in %.1f s (%.1fx real time): %d spikes, %d unassigned; %d tails of "
              "bigger spikes dropped", recording.duration_s, recording.n_channels, dt,
              recording.duration_s / max(dt, 1e-9), spikes.size, int(np.sum(spikes["unit"] < 0)), pipe.n_tails)
@@ -227,7 +246,9 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
 
     Returns the run's statistics: counts, compute per chunk (total and per
     stage), and per spike the algorithmic wait (trough to the end of the chunk
-    that completed it) and trough-to-emission time on the source clock. Sinks
+    that completed it) and trough-to-emission time on the source clock; those
+    of the peeled spikes (collisions found in the residual, ``rtsort.peel``)
+    apart, as ``peeled_wait_ms`` and ``peeled_trough_to_emit_ms``. Sinks
     are closed on every exit, so spikes already found always reach the output.
     """
     from .streams import FileSource, open_sink, open_source
@@ -249,6 +270,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         raise
     live = not (isinstance(src, FileSource) and not speed)
     compute, stages, sink_ns, latency, wait, arrival = [], [], [], [], [], []
+    peeled_latency, peeled_wait = [], []  # peeled spikes (collisions) wait for the residual: counted apart
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
@@ -293,9 +315,14 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                     (spikes["sample_index"] - chunk.first_sample) / fs
                 for sink in outs:
                     sink.write(spikes, ts)
+                k = spikes.size - pipe.last_peeled
                 if live:
-                    latency.extend((now() - ts).tolist())
-                wait.extend(((last - spikes["sample_index"]) / fs).tolist())
+                    late = now() - ts
+                    latency.extend(late[:k].tolist())
+                    peeled_latency.extend(late[k:].tolist())
+                waits = (last - spikes["sample_index"]) / fs
+                wait.extend(waits[:k].tolist())
+                peeled_wait.extend(waits[k:].tolist())
             sink_ns.append(time.perf_counter_ns() - t1)
             compute.append(time.perf_counter() - t0)
             stages.append(pipe.stage_ns.copy())
@@ -311,7 +338,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         src.close()
     counts.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped,
                   candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped,
-                  tails_dropped=pipe.n_tails)
+                  tails_dropped=pipe.n_tails, peeled=pipe.peeler.n_peeled if pipe.peeler is not None else 0)
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
     counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
@@ -323,7 +350,9 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
              "sink_ms": percentiles(sink_ns, 1e-6),
              "wait_ms": percentiles(wait, 1000.0),
              "arrival_ms": percentiles(arrival, 1000.0),
-             "trough_to_emit_ms": percentiles([x for x in latency if np.isfinite(x)], 1000.0)}
+             "trough_to_emit_ms": percentiles([x for x in latency if np.isfinite(x)], 1000.0),
+             "peeled_wait_ms": percentiles(peeled_wait, 1000.0),
+             "peeled_trough_to_emit_ms": percentiles([x for x in peeled_latency if np.isfinite(x)], 1000.0)}
     log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
              "p99 %.3f ms", counts["chunks"], counts["spikes"], counts["unassigned"], counts["skipped_encoding"],
              counts["gaps"], stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))

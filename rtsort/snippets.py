@@ -129,6 +129,10 @@ class SnippetExtractor:
                 f"snippet extractor expected sample {self._next_sample}, got a chunk starting at {first_sample}"
             )
         stop = first_sample + n
+        if self._pending.size == 0 and events.size == 0:  # most chunks of a live stream: keep the samples only
+            _store(self._ring, self._mask, filtered, first_sample, self._keep)
+            self._next_sample = stop
+            return events, np.empty((0, self.n_samples, self.k_channels), np.float32), np.zeros(0, np.int64)
         pending = np.concatenate([self._pending, events]) if self._pending.size else events
         if pending.size and pending["sample_index"].min() - self.nbefore < first_sample - self._keep:
             raise ConfigError("an event is older than the snippet ring buffer holds (max_event_age too small)")

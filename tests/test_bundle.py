@@ -365,3 +365,38 @@ def test_amplitude_prior_prefers_a_template_at_its_own_size():
         # the gain reported is the chosen unit's own scale-free fit (what the residual limit judges)
         np.testing.assert_allclose(gain[0], _gain_reference(x[0], templates, channel_index, 0, want, 0),
                                    rtol=1e-4)
+
+
+def test_peeling_finds_the_spike_a_bigger_neighbour_hides(small_sim, trained):
+    """Two neighbouring units firing 0.3 ms apart: the first pass keeps the bigger spike only (the detector
+    suppresses the smaller slope nearby); peeling subtracts the bigger one's template and finds the other, and
+    finds nothing where there is nothing."""
+    from dataclasses import replace
+
+    rec, _, _ = small_sim
+    b = load_bundle(trained[1])
+    peak = np.abs(b.templates).max(axis=1).argmax(axis=1)
+    size = np.abs(b.templates).max(axis=(1, 2)) / b.noise_levels[1][peak]  # noise units
+    pos = b.probe.positions_um
+    d = np.linalg.norm(pos[peak][:, None] - pos[peak][None], axis=2)
+    # a big unit and a smaller neighbour 15-45 um away that is a spike by itself (>= 7 x noise)
+    pairs = np.argwhere((d >= 15) & (d <= 45) & (size[None, :] >= 7) & (size[:, None] >= 1.5 * size[None, :]))
+    big, small = pairs[np.argmax(size[pairs[:, 0]] / size[pairs[:, 1]])]
+    rng = np.random.default_rng(2)
+    n, nb, lag = 90000, b.manifest["features"]["n_before"], 9
+    x = rng.normal(size=(n, rec.n_channels)).astype(np.float32) * b.noise_levels[1][None, :]
+    times = np.arange(3000, n - 3000, 600)
+    for t in times:
+        x[t - nb : t - nb + b.templates.shape[1]] += b.templates[big]
+        x[t + lag - nb : t + lag - nb + b.templates.shape[1]] += b.templates[small]
+    found = {}
+    for peel in (False, True):  # the pipeline after its filter: the templates are what the filter gave
+        b.config = replace(b.config, assign=replace(b.config.assign, peel=peel))
+        pipe = Pipeline(b)
+        spikes = np.concatenate([pipe.process_filtered(x[i : i + 3000]) for i in range(0, n, 3000)])
+        s = spikes[spikes["unit"] == small]["sample_index"]
+        found[peel] = np.isin(times + lag, s + np.arange(-3, 4)[:, None]).mean()
+        bigs = spikes[spikes["unit"] == big]["sample_index"]
+        assert np.isin(times, bigs + np.arange(-2, 3)[:, None]).mean() >= 0.9  # the big spike is found either way
+    assert found[False] < 0.5 and found[True] >= 0.8, found
+    assert pipe.peeler.n_peeled <= 1.1 * times.size  # no more than the hidden spikes (and the odd noise event)

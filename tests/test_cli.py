@@ -99,10 +99,10 @@ def test_bench_tiny_grid_writes_positive_figures(tmp_path, monkeypatch):
         assert all(v > 0 for v in r["compute_ms"].values())
         if r["transport"] == "inproc":
             assert r["x_real_time"] > 0 and r["spikes_per_s"] > 0
-            assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign"}
+            assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign", "peel"}
         else:
             assert r["events_received"] > 0 and all(v > 0 for v in r["trough_to_event_ms"].values())
-            assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign", "sink"}
+            assert set(r["stage_ms"]) == {"preprocess", "detect", "snippets", "encode", "assign", "peel", "sink"}
             assert r["stage_ms"]["sink"]["max"] > 0 and r["wait_ms"]["p50"] > 0 and r["arrival_ms"]["p50"] > 0
             assert r["gaps"] == 0
     assert (tmp_path / "b.png").stat().st_size > 10000

@@ -34,6 +34,21 @@ log = logging.getLogger("rtsort.train")
 NOISE = "noise"
 
 
+MAX_PEELED = 0.2  # Phy's spikes beyond the bundle's first-pass spikes: at most this share (peeled collisions)
+
+
+def _rows_of(times: np.ndarray, samples: np.ndarray) -> np.ndarray | None:
+    """The row of sorted ``times`` holding each of the sorted ``samples`` (the k-th of equal samples takes the
+    k-th equal time), or None when one is missing."""
+    if samples.size == 0:
+        return np.zeros(0, np.int64)
+    new = np.r_[True, samples[1:] != samples[:-1]]
+    start = np.maximum.accumulate(np.where(new, np.arange(samples.size), 0))
+    rows = np.searchsorted(times, samples) + (np.arange(samples.size) - start)
+    ok = (rows < times.size) & (times[np.minimum(rows, times.size - 1)] == samples)
+    return rows if ok.all() else None
+
+
 def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = True) -> dict:
     """Write a curated copy of a bundle to ``out_dir``; return a summary of what changed."""
     b = load_bundle(bundle_dir)
@@ -49,13 +64,17 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
                              b.config.assign, 0.0)
     events, waveforms, _ = emitted_snippets(recording, b.config, b.noise_levels, exported, featurizer, progress,
                                             "exported spikes")
+    order = np.lexsort((events["channel"], events["sample_index"]))  # the spikes file's order
+    events, waveforms = events[order], waveforms[order]
     latent, loc = encode_all(featurizer, waveforms, events["channel"], progress)
     features = featurizer.combine(latent, loc)
     xn = normalize_waveforms(waveforms, events["channel"], ci, b.noise_levels[1])
     deep = fe.spike_mask(events)
-    if events.size != times.size or not np.array_equal(events["sample_index"], times):
+    rows = _rows_of(times, events["sample_index"])
+    if rows is None or times.size > (1.0 + MAX_PEELED) * events.size:
         raise BundleError(f"{phy_dir}: its {times.size} spikes are not this bundle's {events.size} spikes of "
                           f"{recording.source} (another recording, or a folder edited outside Phy)")
+    clusters = clusters[rows]  # Phy also shows the peeled spikes (rtsort.peel): they follow the new templates
     old = Assigner(b.centroids, np.arange(b.centroids.shape[0]), np.full(b.centroids.shape[0], np.inf)) \
         .assign(features)[0]
     kept = sorted(c for c in np.unique(clusters) if groups.get(int(c), "unsorted") != NOISE)
