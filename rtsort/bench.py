@@ -189,6 +189,9 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         "wait_ms": run.get("wait_ms", {}),  # trough -> end of the chunk that completed its snippet
         "arrival_ms": run.get("arrival_ms", {}),  # a chunk's last sample taken -> chunk read by rtsort
         "emitted_ms": run.get("trough_to_emit_ms", {}),  # trough -> sent by rtsort (wait, transport in, compute)
+        "peeled": run.get("peeled", 0),  # collisions found in the residual: they leave ~1.4 ms later (rtsort.peel)
+        "peeled_wait_ms": run.get("peeled_wait_ms", {}),
+        "peeled_emitted_ms": run.get("peeled_trough_to_emit_ms", {}),
         "compute_ms": run.get("compute_ms", {}),
         "stage_ms": {**run.get("stage_ms", {}), "sink": run.get("sink_ms", {})},  # per chunk, in the sorter
         "samples": run.get("samples", 0),
@@ -208,6 +211,7 @@ def in_process(recording: Path, bundle: Path, chunk_ms: float, seconds: float) -
     fs = json.loads((bundle / "manifest.json").read_text())["sampling_rate"]
     data_s = st["samples"] / fs
     return {"compute_ms": st["compute_ms"], "stage_ms": st["stage_ms"], "wait_ms": st["wait_ms"],
+            "peeled": st["peeled"], "peeled_wait_ms": st["peeled_wait_ms"],
             "chunks": st["chunks"], "spikes": st["spikes"], "spikes_per_s": st["spikes"] / data_s,
             "x_real_time": data_s / st["compute_s_total"] if st["compute_s_total"] > 0 else 0.0,
             "wall_s": wall, "late_chunks": st["late_chunks"], "dropped": 0}
@@ -381,6 +385,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['channels']} | {r['chunk_ms']:g} ms | {r['transport']}{rt} | {f(c, 'p50')} | {f(c, 'p99')} | "
                      f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} | {f(w, 'p50')} | "
                      f"{f(s, 'p50')} |")
+    for r in report["results"]:
+        if r.get("peeled"):
+            w, s = r.get("peeled_wait_ms", {}), r.get("peeled_emitted_ms", {})
+            lines.append(f"{r['channels']} ch {r['transport']}: {r['peeled']} peeled spikes (collisions, "
+                         f"leave later): wait p50 {w.get('p50', float('nan')):.3f} ms, p99 "
+                         f"{w.get('p99', float('nan')):.3f} ms" + (f", sent p50 {s['p50']:.3f} ms" if "p50" in s else ""))
     return "\n".join(lines)
 
 

@@ -2,9 +2,10 @@
 
 Two neighbouring units that fire within a millisecond give one event: the
 detector keeps the steeper slope within ``detect.radius_um``, and the other
-spike is hidden under it. :class:`Peeler` keeps a copy of the filtered
-stream, subtracts every labelled spike's template there (scaled and shifted
-as it was fitted, on every channel), and runs a second detector over that
+spike is hidden under it. :class:`Peeler` holds the filtered samples that are
+not final yet, subtracts every labelled spike's template from them (scaled
+and shifted as it was fitted, on every channel), and runs a second,
+spikes-only detector over that
 residual once no later spike can still change it. A spike it finds (at
 least ``detect.amp_threshold`` deep, as the first pass's spikes) leaves when
 a unit's template claims it by the candidates' rules (matched filter, scale,
@@ -16,8 +17,9 @@ A peeled spike leaves later than the others: the residual is final
 ``delay`` samples after the newest sample (the slowest event's wait, the
 snippet's samples before the trough, and the fit's shift), and the second
 detector then waits as the first does. Its ``distance`` is NaN, as for a
-candidate. The state is a buffer of absolute sample positions, so chunking
-does not change what is found.
+candidate. A sample's templates are subtracted in the order their spikes
+were emitted, whatever the chunking, so chunking does not change what is
+found (to the last bit).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DUPLICATE_SAMPLES = 1  # a peeled event this close to a first-pass spike ...
 DUPLICATE_UM = 40.0  # ... and this near is what its subtraction left, not a spike
 _NO_EVENTS = np.zeros(0, EVENT_DTYPE)
 _NO_UNITS = np.zeros(0, np.int32)
+_PENDING = np.dtype([("start", np.int64), ("unit", np.int32), ("scale", np.float32)])
 REFRACTORY_SAMPLES = 45  # 1.5 ms at 30 kHz: a unit does not fire twice this close (scaled to the sampling rate)
 
 
@@ -71,39 +74,40 @@ def _fits(xn, channels, units, channel_index, templates, amin, amax, max_shift, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_templates(ring, mask, troughs, units, scale, shift, templates_uv, nbefore):
-    """ring[t & mask] += scale x template (uV, every channel) for each spike, placed at its trough and shift."""
+def _subtract(residual, first, starts, units, scale, templates_uv):
+    """residual[t - first] -= scale x template (uV, every channel) where each pending spike's template, starting
+    at sample ``starts``, overlaps rows first.. of ``residual``; spikes in the order they were emitted."""
     t_len, n_ch = templates_uv.shape[1], templates_uv.shape[2]
-    for i in range(troughs.shape[0]):
+    n = residual.shape[0]
+    for i in range(starts.shape[0]):
         u = units[i]
-        if u < 0:
-            continue
-        t0 = troughs[i] - nbefore + shift[i]
         a = scale[i]
-        for t in range(t_len):
-            r = (t0 + t) & mask
+        for t in range(max(0, first - starts[i]), min(t_len, first + n - starts[i])):
+            r = starts[i] + t - first
             for c in range(n_ch):
-                ring[r, c] += a * templates_uv[u, t, c]
+                residual[r, c] -= a * templates_uv[u, t, c]
 
 
 @numba.njit(cache=True, nogil=True)
-def _append(sig, sub, mask, stop, chunk, pad):
-    """Samples stop.. into the signal ring; the template sums ``pad`` samples ahead of them start at zero."""
-    for i in range(chunk.shape[0]):
-        r = (stop + i) & mask
-        z = (stop + pad + i) & mask
-        for c in range(chunk.shape[1]):
-            sig[r, c] = chunk[i, c]
-            sub[z, c] = 0.0
-
-
-@numba.njit(cache=True, nogil=True)
-def _residual(sig, sub, mask, start, out):
-    """out[i] = signal - template sum at sample start + i."""
-    for i in range(out.shape[0]):
-        r = (start + i) & mask
-        for c in range(out.shape[1]):
-            out[i, c] = sig[r, c] - sub[r, c]
+def _is_new(samples, channels, units, r_samples, r_channels, r_units, positions, twin, twin_um, refractory, ahead,
+            out):
+    """out[i]: no first-pass spike (sorted by sample) within ``twin`` samples and ``twin_um``, and none of the same
+    unit within ``refractory`` samples; only first-pass spikes up to ``ahead`` samples later are looked at."""
+    reach = max(twin, refractory)
+    for i in range(samples.shape[0]):
+        s = samples[i]
+        j = np.searchsorted(r_samples, s - reach)
+        ok = True
+        while ok and j < r_samples.shape[0] and r_samples[j] <= s + min(reach, ahead):
+            dt = abs(r_samples[j] - s)
+            if dt <= refractory and r_units[j] == units[i]:
+                ok = False
+            elif dt <= twin:
+                dx = positions[r_channels[j], 0] - positions[channels[i], 0]
+                dy = positions[r_channels[j], 1] - positions[channels[i], 1]
+                ok = dx * dx + dy * dy > twin_um * twin_um
+            j += 1
+        out[i] = ok
 
 
 class Peeler:
@@ -134,7 +138,6 @@ class Peeler:
         self.max_shift = matcher.max_shift
         # the residual at sample s is final once no spike still to come can reach it
         self.delay = int(max(first.nafter - 1, front.detector.max_event_age)) + self.nbefore + self.max_shift
-        self._pad = self.templates_uv.shape[1] + self.max_shift  # room for a spike's samples still to come
         self.refractory = max(1, int(round(REFRACTORY_SAMPLES * front.sampling_rate / 30000.0)))
         # a peeled spike leaves at least nafter - 1 samples after its trough, when every first-pass spike up to
         # this far after it has left too
@@ -148,12 +151,9 @@ class Peeler:
     def reset(self, first_sample: int = 0) -> None:
         self.detector.reset(first_sample)
         self.snippets.reset(first_sample)
-        # the signal and the sum of subtracted templates apart (residual = signal - sum, whatever the chunking), in
-        # rings indexed by absolute sample
-        self._sig = None
-        self._ring(self.delay + 2 * self._pad + 1024)
+        self._open = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # signal not yet handed on
         self._start = int(first_sample)  # the first sample not yet handed to the second pass
-        self._stop = int(first_sample)  # samples up to here have arrived
+        self._pending = np.zeros(0, _PENDING)  # labelled spikes whose template still reaches unreleased samples
         self._recent = np.zeros((0, 3), np.int64)  # first-pass spikes still near the residual: (sample, channel, unit)
 
     def warmup(self) -> None:
@@ -165,23 +165,9 @@ class Peeler:
         a, s = np.zeros(1, np.float32), np.zeros(1, np.int64)
         _fits(xn, ch, np.zeros(1, np.int32), self.matcher.channel_index, self.matcher.templates, AMPLITUDE_RANGE[0],
               AMPLITUDE_RANGE[1], self.max_shift, a, s)
-        ring = np.zeros((2, self.templates_uv.shape[2]), np.float32)
-        _add_templates(ring, 1, ch, np.full(1, -1, np.int32), a, s, self.templates_uv, self.nbefore)
-        _append(ring, ring.copy(), 1, 0, ring[:1], 1)
-        _residual(ring, ring, 1, 0, ring[:1].copy())
-
-    def _ring(self, rows: int) -> None:
-        """(Re)make the rings with at least ``rows`` rows, keeping the samples from ``_start`` on."""
-        size = 1
-        while size < rows:
-            size *= 2
-        sig = np.zeros((size, self.templates_uv.shape[2]), np.float32)
-        sub = np.zeros_like(sig)
-        if self._sig is not None:
-            keep = np.arange(self._start, self._stop + self._pad)
-            sig[keep & (size - 1)] = self._sig[keep & self._mask]
-            sub[keep & (size - 1)] = self._sub[keep & self._mask]
-        self._sig, self._sub, self._mask = sig, sub, size - 1
+        _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
+                  self.templates_uv)
+        _is_new(ch, ch, ch, ch, ch, ch, self.positions, 1, 1.0, 1, 1, np.zeros(1, np.bool_))
 
     def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, label: bool = True):
         """Add a filtered chunk and the first pass's spikes it completed; return the peeled spikes' (events, units).
@@ -191,21 +177,21 @@ class Peeler:
         subtracted. With ``label`` False (overload) the residual advances but
         nothing is labelled.
         """
-        n = filtered.shape[0]
-        end = self._stop + n
-        if end + self._pad - self._start > self._mask + 1:
-            self._ring(end + self._pad - self._start)
-        _append(self._sig, self._sub, self._mask, self._stop, filtered, self._pad)
-        self._stop = end
-        if spikes.size and xn is not None:
-            units = np.ascontiguousarray(spikes["unit"], dtype=np.int32)
-            channels = spikes["channel"].astype(np.int64)
-            scale = np.empty(spikes.size, np.float32)
-            shift = np.empty(spikes.size, np.int64)
-            _fits(np.ascontiguousarray(xn, dtype=np.float32), channels, units, self.matcher.channel_index,
-                  self.matcher.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.max_shift, scale, shift)
-            _add_templates(self._sub, self._mask, spikes["sample_index"].astype(np.int64), units, scale, shift,
-                           self.templates_uv, self.nbefore)
+        end = self._start + self._open.shape[0] + filtered.shape[0]
+        if spikes.size and xn is not None and (spikes["unit"] >= 0).any():
+            lab = spikes[spikes["unit"] >= 0]
+            xl = xn[spikes["unit"] >= 0]
+            units = lab["unit"].astype(np.int32)
+            scale = np.empty(lab.size, np.float32)
+            shift = np.empty(lab.size, np.int64)
+            _fits(np.ascontiguousarray(xl, dtype=np.float32), lab["channel"].astype(np.int64), units,
+                  self.matcher.channel_index, self.matcher.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1],
+                  self.max_shift, scale, shift)
+            new = np.empty(lab.size, _PENDING)
+            new["start"] = lab["sample_index"] - self.nbefore + shift
+            new["unit"] = units
+            new["scale"] = scale
+            self._pending = np.concatenate([self._pending, new])
         if spikes.size:
             self._recent = np.concatenate([self._recent, np.stack(
                 [spikes["sample_index"].astype(np.int64), spikes["channel"].astype(np.int64),
@@ -213,10 +199,17 @@ class Peeler:
         final = max(self._start, end - self.delay)
         k = final - self._start
         if k == 0:
+            self._open = np.concatenate([self._open, filtered])
             return _NO_EVENTS, _NO_UNITS
-        residual = np.empty((k, self._sig.shape[1]), np.float32)
-        _residual(self._sig, self._sub, self._mask, self._start, residual)
+        residual = np.concatenate([self._open, filtered])  # a fresh array: its first k rows are subtracted in place
+        self._open = residual[k:].copy()
+        residual = residual[:k]
         first = self._start
+        p = self._pending
+        if p.size:
+            _subtract(residual, first, np.ascontiguousarray(p["start"]), np.ascontiguousarray(p["unit"]),
+                      np.ascontiguousarray(p["scale"]), self.templates_uv)
+            self._pending = p[p["start"] + self.templates_uv.shape[1] > final]
         self._start = final
         events = self.detector.process(residual)
         ev, wf, _ = self.snippets.process(residual, first, events)
@@ -247,13 +240,9 @@ class Peeler:
         one are certain to be known whatever the chunking; later ones are not
         looked at, so the answer is the same for any chunking.
         """
-        r = self._recent
-        if r.shape[0] == 0:
-            return np.ones(samples.size, bool)
-        lag = r[None, :, 0] - samples[:, None]
-        r = r[None]
-        dt = np.where(lag <= self._ahead, np.abs(lag), np.iinfo(np.int64).max)
-        um = np.linalg.norm(self.positions[channels][:, None] - self.positions[r[0, :, 1]][None], axis=2)
-        twin = (dt <= DUPLICATE_SAMPLES) & (um <= DUPLICATE_UM)
-        same = (dt <= self.refractory) & (units[:, None] == r[:, :, 2])
-        return ~(twin | same).any(axis=1)
+        r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
+        out = np.empty(samples.size, np.bool_)
+        _is_new(samples, channels, units.astype(np.int64), np.ascontiguousarray(r[:, 0]),
+                np.ascontiguousarray(r[:, 1]), np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES,
+                DUPLICATE_UM, self.refractory, self._ahead, out)
+        return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -134,6 +135,10 @@ class Pipeline:
 
     def process_filtered(self, filtered: np.ndarray, encode: bool = True) -> np.ndarray:
         """The stages after preprocessing, for a chunk this pipeline's preprocessor filtered."""
+        return self.peel(filtered, *self.first_pass(filtered, encode), encode)
+
+    def first_pass(self, filtered: np.ndarray, encode: bool = True):
+        """Detect, encode and label a filtered chunk: (its spikes, their snippets in noise units or None)."""
         t1 = time.perf_counter_ns()
         out = self.front.process_filtered(filtered)
         t2 = time.perf_counter_ns()
@@ -164,6 +169,16 @@ class Pipeline:
             st[3] = t3 - t2
             st[4] = time.perf_counter_ns() - t3
             spikes = labelled(ev, unit, dist) if ev.size else _NO_SPIKES
+        return spikes, xn
+
+    def peel(self, filtered: np.ndarray, spikes: np.ndarray, xn, encode: bool = True) -> np.ndarray:
+        """The first pass's spikes of a chunk, and the peeled ones (``rtsort.peel``) after them.
+
+        Chunks go through :meth:`first_pass` and then this in stream order;
+        this may run for chunk i while :meth:`first_pass` runs for chunk i + 1.
+        """
+        st = self.stage_ns
+        st[5] = 0
         self.last_peeled = 0
         if self.peeler is not None:  # fed every chunk: the residual stream must stay whole
             t5 = time.perf_counter_ns()
@@ -187,11 +202,19 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
     chunk = max(1, int(chunk_s * recording.sampling_rate))
     pieces = []
     t0 = time.perf_counter()
+    # peeling chunk i runs on a worker thread while the main thread labels chunk i + 1 (numba releases the GIL);
+    # a filtered chunk stays valid until two more have been yielded (filtered_chunks), so it outlives its peel
     with tqdm(total=recording.n_samples, desc="sort", unit="sample", unit_scale=True, disable=not progress,
-              leave=False) as bar:
+              leave=False) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtsort-peel") as pool:
+        peeling = None
         for n, filtered in filtered_chunks(pipe.front.preprocessor, recording, chunk):
-            pieces.append(pipe.process_filtered(filtered))
+            first = pipe.first_pass(filtered)
+            if peeling is not None:
+                pieces.append(peeling.result())
+            peeling = pool.submit(pipe.peel, filtered, *first)
             bar.update(n)
+        if peeling is not None:
+            pieces.append(peeling.result())
     dt = time.perf_counter() - t0
     spikes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=SPIKE_DTYPE)
     # in time order: peeled spikes leave a little later than the others (the stream's order depends on chunking)
