@@ -89,6 +89,20 @@ def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dis
                                         top_d, top_j)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def shifted_fit(x, templates, u, s, channel_index, c):
+    """(<x, T>, |T|^2) of snippet ``x`` (T, K) on peak channel ``c`` and unit ``u``'s template shifted by ``s``."""
+    t_len, n_k = x.shape
+    dot = 0.0
+    nrm = 0.0
+    for t in range(max(0, s), min(t_len, t_len + s)):
+        for j in range(n_k):
+            w = templates[u, t - s, channel_index[c, j]]
+            dot += x[t, j] * w
+            nrm += w * w
+    return dot, nrm
+
+
 @numba.njit(cache=True, nogil=True)
 def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
                max_residual):
@@ -115,13 +129,7 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
         if seen:
             continue
         for s in range(-max_shift, max_shift + 1):
-            dot = 0.0
-            nrm = 0.0
-            for t in range(max(0, s), min(t_len, t_len + s)):
-                for j in range(n_k):
-                    w = templates[u, t - s, channel_index[c, j]]
-                    dot += x[t, j] * w
-                    nrm += w * w
+            dot, nrm = shifted_fit(x, templates, u, s, channel_index, c)
             if nrm <= 0.0:
                 continue
             a = min(max((dot + prior * nrm) / ((1.0 + prior) * nrm), amin), amax)

@@ -29,7 +29,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 
-from .assign import AMPLITUDE_RANGE
+from .assign import AMPLITUDE_RANGE, shifted_fit
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
@@ -46,23 +46,15 @@ REFRACTORY_SAMPLES = 45  # 1.5 ms at 30 kHz: a unit does not fire twice this clo
 @numba.njit(cache=True, nogil=True)
 def _fits(xn, channels, units, channel_index, templates, amin, amax, max_shift, scale, shift):
     """Each labelled snippet's least-squares scale (clipped to [amin, amax]) and shift for its own unit."""
-    t_len, n_k = xn.shape[1], xn.shape[2]
     for i in range(xn.shape[0]):
         u = units[i]
         scale[i] = 0.0
         shift[i] = 0
         if u < 0:
             continue
-        c = channels[i]
         best = -np.inf
         for s in range(-max_shift, max_shift + 1):
-            dot = 0.0
-            nrm = 0.0
-            for t in range(max(0, s), min(t_len, t_len + s)):
-                for j in range(n_k):
-                    w = templates[u, t - s, channel_index[c, j]]
-                    dot += xn[i, t, j] * w
-                    nrm += w * w
+            dot, nrm = shifted_fit(xn[i], templates, u, s, channel_index, channels[i])
             if nrm <= 0.0:
                 continue
             a = min(max(dot / nrm, amin), amax)
