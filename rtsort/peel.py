@@ -33,7 +33,7 @@ from .assign import AMPLITUDE_RANGE, shifted_fit
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
-from .types import EVENT_DTYPE, SLOPE
+from .types import EVENT_DTYPE, SLOPE, TAIL
 
 DUPLICATE_SAMPLES = 1  # a peeled event this close to a first-pass spike ...
 DUPLICATE_UM = 40.0  # ... and this near is what its subtraction left, not a spike
@@ -161,13 +161,16 @@ class Peeler:
                   self.templates_uv)
         _is_new(ch, ch, ch, ch, ch, ch, self.positions, 1, 1.0, 1, 1, np.zeros(1, np.bool_))
 
-    def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, label: bool = True):
+    def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray,
+                label: bool = True):
         """Add a filtered chunk and the first pass's spikes it completed; return the peeled spikes' (events, units).
 
         ``spikes`` are the first pass's emitted spikes (SPIKE_DTYPE, in emission
         order) and ``xn`` their snippets in noise units; those with a unit are
-        subtracted. With ``label`` False (overload) the residual advances but
-        nothing is labelled.
+        subtracted. ``tails`` are the events the first pass dropped as tails
+        (their late phase lies past the template's end, so the second pass
+        sees them again: they are not new). With ``label`` False (overload) the
+        residual advances but nothing is labelled.
         """
         end = self._start + self._open.shape[0] + filtered.shape[0]
         if spikes.size and xn is not None and (spikes["unit"] >= 0).any():
@@ -184,10 +187,13 @@ class Peeler:
             new["unit"] = units
             new["scale"] = scale
             self._pending = np.concatenate([self._pending, new])
-        if spikes.size:
-            self._recent = np.concatenate([self._recent, np.stack(
-                [spikes["sample_index"].astype(np.int64), spikes["channel"].astype(np.int64),
-                 spikes["unit"].astype(np.int64)], axis=1)])
+        if spikes.size or tails.size:
+            known = np.zeros((spikes.size + tails.size, 3), np.int64)
+            known[:, 0] = np.concatenate([spikes["sample_index"], tails["sample_index"]])
+            known[:, 1] = np.concatenate([spikes["channel"], tails["channel"]])
+            known[: spikes.size, 2] = spikes["unit"]
+            known[spikes.size :, 2] = TAIL
+            self._recent = np.concatenate([self._recent, known])
         final = max(self._start, end - self.delay)
         k = final - self._start
         if k == 0:

@@ -138,7 +138,8 @@ class Pipeline:
         return self.peel(filtered, *self.first_pass(filtered, encode), encode)
 
     def first_pass(self, filtered: np.ndarray, encode: bool = True):
-        """Detect, encode and label a filtered chunk: (its spikes, their snippets in noise units or None)."""
+        """Detect, encode and label a filtered chunk: (its spikes, their snippets in noise units or None, the
+        events dropped as tails)."""
         t1 = time.perf_counter_ns()
         out = self.front.process_filtered(filtered)
         t2 = time.perf_counter_ns()
@@ -148,6 +149,7 @@ class Pipeline:
         st[2] = t2 - t1 - st[1]
         st[3] = st[4] = st[5] = 0
         xn = None
+        tails = ev[:0]
         if ev.size == 0:
             spikes = _NO_SPIKES
         elif not encode:  # candidates need a template to be spikes: only the deep events leave
@@ -165,13 +167,15 @@ class Pipeline:
                 self.n_candidates_claimed += n_claimed
                 self.n_candidates_dropped += int(np.count_nonzero(~deep)) - n_claimed
                 self.n_tails += int(np.count_nonzero(deep & ~keep))
+                tails = ev[deep & ~keep]
                 ev, unit, dist, xn = ev[keep], unit[keep], dist[keep], xn[keep]
             st[3] = t3 - t2
             st[4] = time.perf_counter_ns() - t3
             spikes = labelled(ev, unit, dist) if ev.size else _NO_SPIKES
-        return spikes, xn
+        return spikes, xn, tails
 
-    def peel(self, filtered: np.ndarray, spikes: np.ndarray, xn, encode: bool = True) -> np.ndarray:
+    def peel(self, filtered: np.ndarray, spikes: np.ndarray, xn, tails: np.ndarray,
+             encode: bool = True) -> np.ndarray:
         """The first pass's spikes of a chunk, and the peeled ones (``rtsort.peel``) after them.
 
         Chunks go through :meth:`first_pass` and then this in stream order;
@@ -182,7 +186,7 @@ class Pipeline:
         self.last_peeled = 0
         if self.peeler is not None:  # fed every chunk: the residual stream must stay whole
             t5 = time.perf_counter_ns()
-            pev, punit = self.peeler.process(filtered, spikes, xn, label=encode)
+            pev, punit = self.peeler.process(filtered, spikes, xn, tails, label=encode)
             if pev.size:  # at the end of the chunk's spikes, a little later than the others
                 spikes = np.concatenate([spikes, labelled(pev, punit, np.full(pev.size, np.nan, np.float32))])
                 self.last_peeled = pev.size
