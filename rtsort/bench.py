@@ -388,9 +388,10 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         if r.get("peeled"):
             w, s = r.get("peeled_wait_ms", {}), r.get("peeled_emitted_ms", {})
+            sent = f", sent p50 {s['p50']:.3f} ms" if "p50" in s else ""
             lines.append(f"{r['channels']} ch {r['transport']}: {r['peeled']} peeled spikes (collisions, "
                          f"leave later): wait p50 {w.get('p50', float('nan')):.3f} ms, p99 "
-                         f"{w.get('p99', float('nan')):.3f} ms" + (f", sent p50 {s['p50']:.3f} ms" if "p50" in s else ""))
+                         f"{w.get('p99', float('nan')):.3f} ms{sent}")
     return "\n".join(lines)
 
 

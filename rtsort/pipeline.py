@@ -147,7 +147,7 @@ class Pipeline:
         st = self.stage_ns
         st[1] = self.front.last_detect_ns
         st[2] = t2 - t1 - st[1]
-        st[3] = st[4] = st[5] = 0
+        st[3] = st[4] = 0
         xn = None
         tails = ev[:0]
         if ev.size == 0:

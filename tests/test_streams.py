@@ -274,7 +274,7 @@ def test_run_file_source_stats_and_callback(small_sim, trained):
     stats = run_stream(trained[1], f"file:{rec.source}", [lambda s, t: got.append(s)], duration=3.0)
     assert stats["samples"] == 90000 and stats["chunks"] == 3000
     assert sum(g.size for g in got) == stats["spikes"] > 50
-    for name in ("preprocess", "detect", "snippets", "encode", "assign"):
+    for name in ("preprocess", "detect", "snippets", "encode", "assign", "peel"):
         assert stats["stage_ms"][name]["max"] >= 0
     assert stats["compute_ms"]["p50"] > 0 and stats["wait_ms"]["max"] < 2.0  # 1 ms after the trough + up to 1 ms of chunk
     if stats["peeled"]:  # the residual is final 1.4 ms later, and its detector waits as the first does

@@ -32,8 +32,6 @@ from .train import emitted_snippets, encode_all, unit_table
 log = logging.getLogger("rtsort.train")
 
 NOISE = "noise"
-
-
 MAX_PEELED = 0.2  # Phy's spikes beyond the bundle's first-pass spikes: at most this share (peeled collisions)
 
 
@@ -105,7 +103,8 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
         row["phy_group"] = groups.get(int(c), "unsorted")
     summary = {"phy_dir": str(Path(phy_dir).resolve()), "units_before": b.n_units, "units_after": len(kept),
                "noise_clusters": sorted(int(c) for c in np.unique(clusters) if groups.get(int(c)) == NOISE),
-               "centroids": n_groups, "tail_centroids": int(tails.sum()), "unassigned_fraction": float(np.mean(labels[now] < 0))}
+               "centroids": n_groups, "tail_centroids": int(tails.sum()),
+               "unassigned_fraction": float(np.mean(labels[now] < 0))}
     training = dict(b.manifest.get("training", {}))
     training["curation"] = summary
     save_bundle(out_dir, config=b.config, sampling_rate=b.sampling_rate, probe=b.probe, noise_levels=b.noise_levels,
