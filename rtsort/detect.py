@@ -291,7 +291,7 @@ def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nb
                 out[n_out].sample_index = tt
                 out[n_out].channel = c
                 out[n_out].amplitude = v
-                out[n_out].kind = 0
+                out[n_out].kind = SLOPE
                 n_out += 1
         tau = tc - sweep  # every slope event whose trough could lie within sweep of tau is decided by now
         if not troughs or tau < t_first:
@@ -312,7 +312,7 @@ def _detect_kernel(x, start, rings, marks, state, clock, noise, thr, iparams, nb
                     out[n_out].sample_index = tau
                     out[n_out].channel = c
                     out[n_out].amplitude = xr[pt, c]
-                    out[n_out].kind = 1
+                    out[n_out].kind = TROUGH
                     n_out += 1
     clock[0] = t_abs
     return n_out, i

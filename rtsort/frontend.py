@@ -96,8 +96,8 @@ class FrontEnd:
     @property
     def latency_floor_ms(self) -> float:
         """The algorithmic wait after a trough before its spike can leave (detector or snippet)."""
-        nafter = self.snippets.nafter - 1 if self.snippets is not None else 0
-        return max(self.detector.max_event_age, nafter) * 1000.0 / self.sampling_rate
+        wait = self.snippets.max_wait if self.snippets is not None else self.detector.max_event_age
+        return wait * 1000.0 / self.sampling_rate
 
     def calibrate(self, recording: Recording) -> np.ndarray:
         """Estimate the detector's noise levels from the start of ``recording``.

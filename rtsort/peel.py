@@ -33,7 +33,7 @@ from .assign import AMPLITUDE_RANGE, shifted_fit
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
-from .types import EVENT_DTYPE, SLOPE, TAIL
+from .types import EVENT_DTYPE, TAIL
 
 DUPLICATE_SAMPLES = 1  # a peeled event this close to a first-pass spike ...
 DUPLICATE_UM = 40.0  # ... and this near is what its subtraction left, not a spike
@@ -129,14 +129,13 @@ class Peeler:
         self.nbefore = first.nbefore
         self.max_shift = matcher.max_shift
         # the residual at sample s is final once no spike still to come can reach it
-        self.delay = int(max(first.nafter - 1, front.detector.max_event_age)) + self.nbefore + self.max_shift
+        self.delay = first.max_wait + self.nbefore + self.max_shift
         self.refractory = max(1, int(round(REFRACTORY_SAMPLES * front.sampling_rate / 30000.0)))
         # a peeled spike leaves at least nafter - 1 samples after its trough, when every first-pass spike up to
         # this far after it has left too
         self._ahead = first.nafter - 1 + self.nbefore + self.max_shift
         assert self._ahead >= DUPLICATE_SAMPLES
         self.positions = front.probe.positions_um
-        self.amp_threshold = np.float32(cfg.detect.amp_threshold) * self.noise[1].astype(np.float32)
         self.n_peeled = 0  # over the stream's life, gaps included
         self.reset(0)
 
@@ -213,14 +212,14 @@ class Peeler:
         ev, wf, _ = self.snippets.process(residual, first, events)
         ev, unit = self._label(ev, wf) if label and ev.size else (ev[:0], _NO_UNITS)
         # first-pass spikes that no peeled spike still to come can sit near are forgotten
-        horizon = final - self.snippets.nafter - self.detector.max_event_age - self.refractory - 1
+        horizon = final - self.snippets.max_wait - self.refractory - 1
         self._recent = self._recent[self._recent[:, 0] >= horizon]
         self.n_peeled += ev.size
         return ev, unit
 
     def _label(self, ev: np.ndarray, wf: np.ndarray):
         """The second pass's events that are spikes: deep slopes a template claims that are no first-pass spike's."""
-        deep = (np.abs(ev["amplitude"]) >= self.amp_threshold[ev["channel"]]) & (ev["kind"] == SLOPE)
+        deep = self.front.spike_mask(ev)  # the first pass's rule for a spike (its detector found deep slopes)
         ev, wf = ev[deep], wf[deep]
         if ev.size == 0:
             return ev, np.zeros(0, np.int32)

@@ -80,6 +80,8 @@ class SnippetExtractor:
         self.relative_positions = (pos[self.channel_index] - pos[:, None, :]).astype(np.float32)  # (C, K, 2)
         ages = np.atleast_1d(np.asarray(max_event_age, dtype=np.int64))
         self._due = np.maximum(ages, self.nafter - 1)  # samples from trough to due, per kind
+        self._no_waveforms = np.empty((0, self.n_samples, self.k_channels), np.float32)  # shared by empty chunks
+        self._no_wait = np.zeros(0, np.int64)
         # history kept before each chunk: enough for the oldest pending or late event
         self._keep = self.nbefore + self.nafter + int(ages.max()) + 1
         size = 1
@@ -89,6 +91,11 @@ class SnippetExtractor:
         self._mask = size - 1
         self._pending = np.zeros(0, dtype=EVENT_DTYPE)
         self._next_sample = 0
+
+    @property
+    def max_wait(self) -> int:
+        """The most samples an event leaves after its trough (its due): post-trough samples or its kind's age."""
+        return int(self._due.max())
 
     @property
     def wait_ms(self) -> float:
@@ -132,7 +139,7 @@ class SnippetExtractor:
         if self._pending.size == 0 and events.size == 0:  # most chunks of a live stream: keep the samples only
             _store(self._ring, self._mask, filtered, first_sample, self._keep)
             self._next_sample = stop
-            return events, np.empty((0, self.n_samples, self.k_channels), np.float32), np.zeros(0, np.int64)
+            return events, self._no_waveforms, self._no_wait
         pending = np.concatenate([self._pending, events]) if self._pending.size else events
         if pending.size and pending["sample_index"].min() - self.nbefore < first_sample - self._keep:
             raise ConfigError("an event is older than the snippet ring buffer holds (max_event_age too small)")

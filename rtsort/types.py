@@ -12,9 +12,8 @@ import numpy as np
 
 from .errors import ConfigError
 
-#: A detected event: trough sample (absolute), peak channel, trough amplitude (uV).
-# a detected event; ``kind`` says how it was found (rtsort.detect): SLOPE (a sharp slope and its trough) or
-# TROUGH (a trough no slope event explains: always a candidate)
+#: A detected event: trough sample (absolute), peak channel, trough amplitude (uV), and ``kind``, how it was found
+#: (rtsort.detect): SLOPE (a sharp slope and its trough) or TROUGH (a trough no slope event explains: a candidate).
 EVENT_DTYPE = np.dtype([("sample_index", "<i8"), ("channel", "<i4"), ("amplitude", "<f4"), ("kind", "u1")])
 SLOPE, TROUGH = 0, 1
 # centroid_unit of a centroid of a unit's tails (training's tail_units): the late phase of a bigger spike, seen

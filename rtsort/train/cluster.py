@@ -125,6 +125,13 @@ def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, chann
     return out
 
 
+def unit_medians(units: np.ndarray, values: np.ndarray, n_units: int) -> np.ndarray:
+    """Each unit's median of ``values`` (k, D) over its spikes: (n_units, D), NaN for a unit without spikes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the median of nothing: NaN
+        return np.stack([np.median(values[units == u], axis=0) for u in range(n_units)])
+
+
 def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.ndarray, times_s: np.ndarray,
                  cfg: ClusterConfig, n_units: int = 0) -> np.ndarray:
     """Join units that are one neuron split by drift; return the new unit of each old unit.
@@ -154,9 +161,9 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
         log.info("%.0f s of spikes: too short to look for units split by drift", times_s.max() - times_s.min())
         return parent
     m = units >= 0
-    with warnings.catch_warnings():  # a unit without spikes here has no position (NaN) and joins nothing
+    loc = unit_medians(units, locations, n)  # a unit without spikes here has no position (NaN) and joins nothing
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        loc = np.stack([np.median(locations[m & (units == u)], axis=0) for u in range(n)])
         wf = np.stack([peak_waveforms[m & (units == u)].mean(axis=0) for u in range(n)])
     wf /= np.maximum(np.linalg.norm(wf, axis=1, keepdims=True), 1e-9)
     counts = np.stack([np.histogram(times_s[m & (units == u)], edges)[0] for u in range(n)]).astype(np.float64)
@@ -208,9 +215,7 @@ def tail_units(units: np.ndarray, samples: np.ndarray, locations: np.ndarray, si
     lo = int(round(TAIL_MIN_LAG_MS * sampling_rate / 1000.0))
     hi = int(round(cfg.tail_max_lag_ms * sampling_rate / 1000.0))
     trains = [np.sort(samples[units == u]) for u in range(n)]
-    with warnings.catch_warnings():  # a unit without spikes has no position and is nobody's tail
-        warnings.simplefilter("ignore", RuntimeWarning)
-        loc = np.stack([np.median(locations[units == u], axis=0) for u in range(n)])
+    loc = unit_medians(units, locations, n)  # a unit without spikes has no position and is nobody's tail
     near = np.linalg.norm(loc[:, None] - loc[None], axis=2) <= TAIL_UM
 
     def share(t, parent, a, b):  # fraction of spikes t with a parent spike in [t + a, t + b]
