@@ -239,6 +239,9 @@ class AssignConfig:
     amplitude_prior: float = 1.0
     # subtract every labelled spike's template and look again for spikes it hid (collisions; rtsort.peel)
     peel: bool = True
+    # with peel: also run every unit's template over the residual as a matched filter and take the spikes it finds
+    # where no known spike is near (weak spikes the detector's channel-by-channel thresholds missed; rtsort.peel)
+    search: bool = True
 
     def __post_init__(self):
         _check_fractions("assign", self, ("track_rate", "track_within"))

@@ -13,6 +13,17 @@ residual limit), when no first-pass spike lies within ``DUPLICATE_SAMPLES``
 and ``DUPLICATE_UM`` of it (what is left of a spike's own subtraction), and
 when that unit has no first-pass spike within ``REFRACTORY_SAMPLES``.
 
+With ``assign.search`` the residual is searched once more, for spikes too
+weak for the detector's channel-by-channel thresholds: every unit's template
+(on its own channels) runs over it as a matched filter, and a match leaves
+when its matched filter reaches ``assign.template_min_snr`` at a scale of at
+least ``assign.template_min_scale``, is the best of every unit within
+``SEARCH_COMPETE_UM`` over ``SEARCH_PEAK_SAMPLES`` either side, and no known
+spike (first pass, peeled, or matched before) lies within ``QUIET_UM`` from
+``QUIET_BEFORE`` samples before it (the late phase of a spike, past its
+template's end, is still in the residual) to ``QUIET_AFTER`` after (what a
+subtraction left). Its ``kind`` is MATCH.
+
 A peeled spike leaves later than the others: the residual is final
 ``delay`` samples after the newest sample (the slowest event's wait, the
 snippet's samples before the trough, and the fit's shift), and the second
@@ -33,7 +44,7 @@ from .assign import AMPLITUDE_RANGE, shifted_fit
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
-from .types import EVENT_DTYPE, TAIL
+from .types import EVENT_DTYPE, MATCH, TAIL
 
 DUPLICATE_SAMPLES = 1  # a peeled event this close to a first-pass spike ...
 DUPLICATE_UM = 40.0  # ... and this near is what its subtraction left, not a spike
@@ -41,6 +52,15 @@ _NO_EVENTS = np.zeros(0, EVENT_DTYPE)
 _NO_UNITS = np.zeros(0, np.int32)
 _PENDING = np.dtype([("start", np.int64), ("unit", np.int32), ("scale", np.float32)])
 REFRACTORY_SAMPLES = 45  # 1.5 ms at 30 kHz: a unit does not fire twice this close (scaled to the sampling rate)
+# the search (samples at 30 kHz, scaled to the sampling rate): a match is the best within SEARCH_PEAK_SAMPLES of
+# every unit whose peak channel lies within SEARCH_COMPETE_UM, and no known spike within QUIET_UM lies from
+# QUIET_BEFORE samples before it to QUIET_AFTER after (measured on tools/compare.py's recordings)
+SEARCH_PEAK_SAMPLES = 20
+SEARCH_COMPETE_UM = 60.0
+QUIET_UM = 100.0
+QUIET_BEFORE = 45
+QUIET_AFTER = 10
+_FIRST_PASS, _LATER = 0, 1  # where a known spike came from (the second pass's rules look at the first pass's only)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -102,6 +122,89 @@ def _is_new(samples, channels, units, r_samples, r_channels, r_units, positions,
         out[i] = ok
 
 
+@numba.njit(cache=True, nogil=True)
+def _match_filter(res, channels, templates, inv_norm, out):
+    """out[u, t] = <res[channels[u], t:t + T], templates[u]> / |templates[u]| (``res`` channel-major, noise units)."""
+    n_u, t_len, n_k = templates.shape
+    n = out.shape[1]
+    for u in range(n_u):
+        row = out[u]
+        row[:] = 0.0
+        for tau in range(t_len):
+            for j in range(n_k):
+                w = templates[u, tau, j] * inv_norm[u]
+                src = res[channels[u, j]]
+                for t in range(n):  # contiguous: vectorises
+                    row[t] += src[t + tau] * w
+
+
+@numba.njit(cache=True, nogil=True)
+def _best_matches(z, z0, d0, d1, near, half, gate, out_t, out_u):
+    """Matches decided for window starts d0..d1-1: z[u, t - z0] >= ``gate`` and the largest of the units
+    ``near[u]`` within ``half`` samples (ties go to the earlier start, then the lower unit); returns how many."""
+    n = 0
+    n_z = z.shape[1]
+    for t in range(max(d0, z0), min(d1, z0 + n_z)):
+        for u in range(z.shape[0]):
+            v = z[u, t - z0]
+            if v < gate:
+                continue
+            ok = True
+            for m in range(near.shape[1]):
+                w_u = near[u, m]
+                if w_u < 0:
+                    break
+                for dt in range(-half, half + 1):
+                    i = t + dt - z0
+                    if i < 0 or i >= n_z:
+                        continue
+                    w = z[w_u, i]
+                    if w > v or (w == v and (dt < 0 or (dt == 0 and w_u < u))):
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok and n < out_t.shape[0]:
+                out_t[n] = t
+                out_u[n] = u
+                n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _quiet(samples, channels, units, r_samples, r_channels, r_units, positions, before, after, quiet_um, refractory,
+           out):
+    """out[i]: no known spike (sorted by sample) within ``quiet_um`` from ``before`` samples before to ``after``
+    after, none of the same unit from ``refractory`` before to ``after`` after, and the same for the matches kept
+    before it (``samples`` in time order)."""
+    reach = max(before, refractory)
+    for i in range(samples.shape[0]):
+        s = samples[i]
+        ok = True
+        j = np.searchsorted(r_samples, s - reach)
+        while ok and j < r_samples.shape[0] and r_samples[j] <= s + after:
+            dt = r_samples[j] - s
+            if r_units[j] == units[i] and dt >= -refractory:
+                ok = False
+            elif -before <= dt <= after:
+                dx = positions[r_channels[j], 0] - positions[channels[i], 0]
+                dy = positions[r_channels[j], 1] - positions[channels[i], 1]
+                ok = dx * dx + dy * dy > quiet_um * quiet_um
+            j += 1
+        for q in range(i):
+            if not ok:
+                break
+            if out[q]:
+                dt = samples[q] - s
+                if units[q] == units[i] and -refractory <= dt <= after:
+                    ok = False
+                elif -before <= dt <= after:
+                    dx = positions[channels[q], 0] - positions[channels[i], 0]
+                    dy = positions[channels[q], 1] - positions[channels[i], 1]
+                    ok = dx * dx + dy * dy > quiet_um * quiet_um
+        out[i] = ok
+
+
 class Peeler:
     """The second, residual pass of one stream (see the module docstring).
 
@@ -136,8 +239,37 @@ class Peeler:
         self._ahead = first.nafter - 1 + self.nbefore + self.max_shift
         assert self._ahead >= DUPLICATE_SAMPLES
         self.positions = front.probe.positions_um
-        self.n_peeled = 0  # over the stream's life, gaps included
+        self.n_peeled = 0  # over the stream's life, gaps included (the search's matches too)
+        self.n_matched = 0  # of which the search found
+        self.search = bool(cfg.assign.search)
+        self._init_search(front, matcher)
         self.reset(0)
+
+    def _init_search(self, front, matcher) -> None:
+        def samples(n):
+            return max(1, int(round(n * front.sampling_rate / 30000.0)))
+
+        self.peak_half = samples(SEARCH_PEAK_SAMPLES)
+        self.quiet_before = samples(QUIET_BEFORE)
+        self.quiet_after = samples(QUIET_AFTER)
+        tm = matcher.templates  # (U, T, C), noise units
+        self._peak = (np.abs(tm).max(axis=1).argmax(axis=1) if tm.shape[0] else np.zeros(0, np.int64)).astype(np.int64)
+        self._search_ch = np.ascontiguousarray(matcher.channel_index[self._peak])  # (U, K): each unit's own channels
+        self._search_tm = np.ascontiguousarray(np.take_along_axis(tm, self._search_ch[:, None, :], axis=2),
+                                               dtype=np.float32)
+        nrm = np.sqrt((self._search_tm.astype(np.float64) ** 2).sum(axis=(1, 2)))
+        self._inv_norm = np.where(nrm > 0, 1.0 / np.maximum(nrm, 1e-12), 0.0).astype(np.float32)
+        xy = self.positions[self._peak]
+        d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(axis=2))
+        near = [np.flatnonzero(row <= SEARCH_COMPETE_UM) for row in d]
+        self._near = np.full((len(near), max([n.size for n in near] + [1])), -1, np.int64)
+        for u, n in enumerate(near):
+            self._near[u, :n.size] = n
+        self._inv_noise = (1.0 / self.noise[1]).astype(np.float32)
+        # a match at window start t is decided once the matched filters reach t + peak_half and every spike found
+        # elsewhere up to its trough + quiet_after has been found
+        t_len = tm.shape[1]
+        self._search_lag = max(t_len - 1 + self.peak_half, self.snippets.max_wait + self.nbefore + self.quiet_after)
 
     def reset(self, first_sample: int = 0) -> None:
         self.detector.reset(first_sample)
@@ -145,7 +277,11 @@ class Peeler:
         self._open = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # signal not yet handed on
         self._start = int(first_sample)  # the first sample not yet handed to the second pass
         self._pending = np.zeros(0, _PENDING)  # labelled spikes whose template still reaches unreleased samples
-        self._recent = np.zeros((0, 3), np.int64)  # first-pass spikes still near the residual: (sample, channel, unit)
+        # spikes still near the residual: (sample, channel, unit, _FIRST_PASS or _LATER)
+        self._recent = np.zeros((0, 4), np.int64)
+        self._res_t = np.zeros((self.templates_uv.shape[2], 0), np.float32)  # residual (noise units) from _z_next on
+        self._z = np.zeros((self.templates_uv.shape[0], 0), np.float32)  # the matched filters from _z_start on
+        self._z_start = self._z_next = self._d_next = int(first_sample)
 
     def warmup(self) -> None:
         self.detector.warmup()
@@ -159,6 +295,12 @@ class Peeler:
         _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
                   self.templates_uv)
         _is_new(ch, ch, ch, ch, ch, ch, self.positions, 1, 1.0, 1, 1, np.zeros(1, np.bool_))
+        u, t_len, n_k = self._search_tm.shape
+        z = np.zeros((u, 1), np.float32)
+        _match_filter(np.zeros((self.templates_uv.shape[2], t_len), np.float32), self._search_ch, self._search_tm,
+                      self._inv_norm, z)
+        _best_matches(z, 0, 0, 1, self._near, 1, np.inf, ch, ch)
+        _quiet(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, np.zeros(1, np.bool_))
 
     def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray,
                 label: bool = True):
@@ -187,7 +329,7 @@ class Peeler:
             new["scale"] = scale
             self._pending = np.concatenate([self._pending, new])
         if spikes.size or tails.size:
-            known = np.zeros((spikes.size + tails.size, 3), np.int64)
+            known = np.zeros((spikes.size + tails.size, 4), np.int64)
             known[:, 0] = np.concatenate([spikes["sample_index"], tails["sample_index"]])
             known[:, 1] = np.concatenate([spikes["channel"], tails["channel"]])
             known[: spikes.size, 2] = spikes["unit"]
@@ -211,11 +353,82 @@ class Peeler:
         events = self.detector.process(residual)
         ev, wf, _ = self.snippets.process(residual, first, events)
         ev, unit = self._label(ev, wf) if label and ev.size else (ev[:0], _NO_UNITS)
-        # first-pass spikes that no peeled spike still to come can sit near are forgotten
+        self._remember(ev, unit)
+        if self.search:
+            mev, munit = self._search(residual, final, label)
+            self._remember(mev, munit)
+            if mev.size:
+                ev, unit = np.concatenate([ev, mev]), np.concatenate([unit, munit])
+            self.n_matched += mev.size
+        # spikes that no peeled spike or match still to come can sit near are forgotten
         horizon = final - self.snippets.max_wait - self.refractory - 1
+        if self.search:
+            horizon = min(horizon, self._d_next + self.nbefore - max(self.quiet_before, self.refractory) - 1)
         self._recent = self._recent[self._recent[:, 0] >= horizon]
         self.n_peeled += ev.size
         return ev, unit
+
+    def _remember(self, ev: np.ndarray, unit: np.ndarray) -> None:
+        """Peeled spikes and matches become known events for the search (the second pass looks at the first's)."""
+        if ev.size:
+            known = np.empty((ev.size, 4), np.int64)
+            known[:, 0] = ev["sample_index"]
+            known[:, 1] = ev["channel"]
+            known[:, 2] = unit
+            known[:, 3] = _LATER
+            self._recent = np.concatenate([self._recent, known])
+
+    def _search(self, residual: np.ndarray, final: int, label: bool):
+        """Run every unit's template over the residual up to ``final`` and return the matches decided (events, units).
+
+        Window starts are decided in stream order, ``_search_lag`` samples
+        behind ``final``, so every chunking decides the same matches.
+        """
+        t_len = self._search_tm.shape[1]
+        self._res_t = np.concatenate([self._res_t, (residual * self._inv_noise).T], axis=1)
+        z_hi = final - t_len + 1  # the last window start whose samples are all final, plus one
+        if z_hi > self._z_next:
+            if label:
+                z = np.empty((self._z.shape[0], z_hi - self._z_next), np.float32)
+                _match_filter(np.ascontiguousarray(self._res_t), self._search_ch, self._search_tm, self._inv_norm, z)
+                self._z = np.concatenate([self._z, z], axis=1)
+            else:  # overload: the matched filters are skipped and the search starts again after the gap
+                self._z = self._z[:, :0]
+                self._z_start = z_hi
+            self._res_t = self._res_t[:, z_hi - self._z_next:].copy()
+            self._z_next = z_hi
+        d_lo, d_hi = self._d_next, final - self._search_lag
+        if d_hi <= d_lo:
+            return _NO_EVENTS, _NO_UNITS
+        self._d_next = d_hi
+        n_u = self._z.shape[0]
+        out_t = np.empty(n_u * ((d_hi - d_lo) // (self.peak_half + 1) + 1), np.int64)
+        out_u = np.empty(out_t.size, np.int64)
+        n = _best_matches(self._z, self._z_start, d_lo, d_hi, self._near, self.peak_half,
+                          np.float32(self.matcher.min_snr), out_t, out_u) if label and n_u else 0
+        t, u = out_t[:n], out_u[:n]
+        scale = self._z[u, t - self._z_start] * self._inv_norm[u]
+        cut = d_hi - self.peak_half - self._z_start  # the matched filters a later decision can still look at
+        if cut > 0:
+            self._z = self._z[:, cut:].copy()
+            self._z_start += cut
+        ok = (scale >= self.matcher.min_scale) & (scale <= AMPLITUDE_RANGE[1])
+        t, u, scale = t[ok], u[ok], scale[ok]
+        if t.size == 0:
+            return _NO_EVENTS, _NO_UNITS
+        samples = t + self.nbefore
+        channels = self._peak[u]
+        r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
+        keep = np.empty(t.size, np.bool_)
+        _quiet(samples, channels, u, np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]),
+               np.ascontiguousarray(r[:, 2]), self.positions, self.quiet_before, self.quiet_after, QUIET_UM,
+               self.refractory, keep)
+        ev = np.zeros(int(keep.sum()), EVENT_DTYPE)
+        ev["sample_index"] = samples[keep]
+        ev["channel"] = channels[keep]
+        ev["amplitude"] = scale[keep] * self.templates_uv[u[keep], self.nbefore, channels[keep]]
+        ev["kind"] = MATCH
+        return ev, u[keep].astype(np.int32)
 
     def _label(self, ev: np.ndarray, wf: np.ndarray):
         """The second pass's events that are spikes: deep slopes a template claims that are no first-pass spike's."""
@@ -237,7 +450,8 @@ class Peeler:
         one are certain to be known whatever the chunking; later ones are not
         looked at, so the answer is the same for any chunking.
         """
-        r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
+        r = self._recent[self._recent[:, 3] == _FIRST_PASS]
+        r = r[np.argsort(r[:, 0], kind="stable")]
         out = np.empty(samples.size, np.bool_)
         _is_new(samples, channels, units.astype(np.int64), np.ascontiguousarray(r[:, 0]),
                 np.ascontiguousarray(r[:, 1]), np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES,

@@ -12,10 +12,11 @@ import numpy as np
 
 from .errors import ConfigError
 
-#: A detected event: trough sample (absolute), peak channel, trough amplitude (uV), and ``kind``, how it was found
-#: (rtsort.detect): SLOPE (a sharp slope and its trough) or TROUGH (a trough no slope event explains: a candidate).
+#: A detected event: trough sample (absolute), peak channel, trough amplitude (uV), and ``kind``, how it was found:
+#: SLOPE (a sharp slope and its trough) or TROUGH (a trough no slope event explains: a candidate), both by
+#: rtsort.detect, or MATCH (a unit's template, run over the residual as a matched filter: rtsort.peel).
 EVENT_DTYPE = np.dtype([("sample_index", "<i8"), ("channel", "<i4"), ("amplitude", "<f4"), ("kind", "u1")])
-SLOPE, TROUGH = 0, 1
+SLOPE, TROUGH, MATCH = 0, 1, 2
 # centroid_unit of a centroid of a unit's tails (training's tail_units): the late phase of a bigger spike, seen
 # again; its events are not spikes and do not leave (-1 marks a centroid of noise, whose spikes leave unassigned)
 TAIL = -2

@@ -13,7 +13,7 @@ from rtsort.bundle import load_bundle
 from rtsort.errors import BundleError
 from rtsort.io import write_recording
 from rtsort.pipeline import Pipeline, sort_recording
-from rtsort.types import SLOPE, TAIL
+from rtsort.types import MATCH, SLOPE, TAIL
 
 
 @pytest.fixture
@@ -421,3 +421,74 @@ def test_peeling_does_not_find_the_tails_again(small_sim, trained):
         near = (np.abs(tails["sample_index"] - p["sample_index"]) <= 1) & \
             (np.linalg.norm(pos[tails["channel"]] - pos[p["channel"]], axis=1) <= 40)
         assert not near.any(), p
+
+
+def _weak_unit_stream(probe, n, noise_uV, times, nb, peak_sigma, seed):
+    """White noise on every channel and one broad, weak unit (its trough ``peak_sigma`` x noise, under every
+    detector threshold) at ``times``; returns (samples, template uV)."""
+    t_len = 39
+    tau = np.arange(t_len) - nb
+    shape = -np.exp(-0.5 * (tau / 4.0) ** 2) + 0.3 * np.exp(-0.5 * ((tau - 11) / 5.0) ** 2)  # trough, then a bump
+    pos = probe.positions_um
+    centre = pos[np.argmin(np.linalg.norm(pos - pos.mean(axis=0), axis=1))]
+    footprint = np.exp(-0.5 * (np.linalg.norm(pos - centre, axis=1) / 60.0) ** 2)
+    template = (peak_sigma * noise_uV * shape[:, None] * footprint[None, :]).astype(np.float32)
+    x = np.random.default_rng(seed).normal(size=(n, probe.n_channels)).astype(np.float32) * noise_uV
+    for t in times:
+        x[t - nb : t - nb + t_len] += template
+    return x, template
+
+
+def test_search_finds_spikes_under_the_detector_thresholds(small_sim):
+    """[assign] search: a unit whose spikes reach 2.2 x noise on any one channel (under the candidates' 2.5 and
+    the troughs' 3.0) but spread over many channels: the detector sees no spike there and peeling finds none,
+    the matched filter of its template on the residual finds most, in pure noise it finds next to nothing, and
+    chunking changes nothing."""
+    from dataclasses import replace
+
+    from rtsort.config import Config
+    from rtsort.frontend import FrontEnd
+    from rtsort.peel import Peeler
+
+    rec, _, _ = small_sim
+    cfg = Config()
+    noise_uV, n, nb = 10.0, 120000, 18
+    times = np.arange(2000, n - 2000, 700)
+    x, template = _weak_unit_stream(rec.probe, n, noise_uV, times, nb, 2.2, seed=4)
+    front = FrontEnd(cfg, rec.probe, rec.sampling_rate, snippets=True)
+    front.detector.noise_levels = front.detector.calibrate(x[:30000])
+    assert front.snippets.nbefore == nb and front.snippets.n_samples == template.shape[0]
+    matcher = TemplateMatcher(template[None], front.noise_levels[1], front.snippets.channel_index, max_shift=1,
+                              min_snr=cfg.assign.template_min_snr, min_scale=cfg.assign.template_min_scale)
+    z_expected = np.sqrt((matcher.templates[0][:, matcher.channel_index[np.abs(template).max(0).argmax()]] ** 2).sum())
+    assert z_expected >= 14  # the matched filter's reach; no channel alone gets there
+
+    def run(search, data, chunk):
+        c = replace(cfg, assign=replace(cfg.assign, search=search))
+        f = FrontEnd(c, rec.probe, rec.sampling_rate, noise_levels=front.noise_levels)
+        peeler = Peeler(f, template[None], matcher)
+        peeler.warmup()
+        none = np.zeros(0, dtype=[("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"),
+                                  ("amplitude", "<f4"), ("distance", "<f4")])
+        events = [f.process_filtered(data[i : i + chunk]).events for i in range(0, data.shape[0], chunk)]
+        found = [peeler.process(data[i : i + chunk], none, None, none) for i in range(0, data.shape[0], chunk)]
+        ev = np.concatenate([e for e, _ in found])
+        return np.concatenate(events), ev, np.concatenate([u for _, u in found]), peeler
+
+    events, _, _, _ = run(False, x, 3000)
+    deep = events[front.spike_mask(events)]  # the detector's spikes (its shallower events are noise crossings)
+    assert np.isin(times, deep["sample_index"] + np.arange(-12, 13)[:, None]).mean() < 0.1
+    _, ev, unit, _ = run(False, x, 3000)  # peeling alone looks at the detector's spikes
+    assert np.isin(times, ev["sample_index"] + np.arange(-2, 3)[:, None]).mean() < 0.1
+    _, ev, unit, peeler = run(True, x, 3000)
+    hit = np.isin(times, ev["sample_index"] + np.arange(-2, 3)[:, None])
+    assert hit.mean() >= 0.8, hit.mean()
+    assert (unit == 0).all() and ev.size <= 1.05 * times.size
+    assert peeler.n_matched == np.count_nonzero(ev["kind"] == MATCH) >= 0.8 * times.size  # the search's
+    _, ev_small, unit_small, _ = run(True, x, 37)  # odd chunks: the same spikes, to the sample (in time order)
+    o, o_small = np.argsort(ev["sample_index"], kind="stable"), np.argsort(ev_small["sample_index"], kind="stable")
+    np.testing.assert_array_equal(ev_small[o_small], ev[o])
+    np.testing.assert_array_equal(unit_small[o_small], unit[o])
+    quiet = np.random.default_rng(9).normal(size=(n, rec.n_channels)).astype(np.float32) * noise_uV
+    _, ev_noise, _, _ = run(True, quiet, 3000)
+    assert ev_noise.size <= 0.02 * times.size, ev_noise.size  # in noise alone: next to nothing
