@@ -232,8 +232,9 @@ class AssignConfig:
     template_min_scale: float = 0.6
     template_max_shift: int = 1
     # a candidate's best fit must also leave at most this mean squared residual per sample (noise units; noise
-    # alone: 1), so the tail of another unit's spike is not claimed by a small template; 0: no limit
-    candidate_max_residual: float = 1.5
+    # alone: 1), plus half the fit's energy, so the tail of another unit's spike is not claimed by a small
+    # template; 0: no limit (1.5 before the search, which finds again what this rejects when it fits)
+    candidate_max_residual: float = 1.0
     # a template's scale a costs amplitude_prior x (a - 1)^2 x |T|^2 in the fit (noise units): a spike is its own
     # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
     amplitude_prior: float = 1.0

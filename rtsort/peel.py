@@ -295,6 +295,15 @@ class Peeler:
         t_len = tm.shape[1]
         self._search_lag = max(t_len - 1 + self.peak_half, self.snippets.max_wait + self.nbefore + self.quiet_after)
 
+    @property
+    def max_wait(self) -> int:
+        """The most samples from a peeled spike's (or a match's) trough to the end of the chunk it leaves with,
+        less that chunk's own length."""
+        wait = self.delay + self.snippets.max_wait
+        if self.search:
+            wait = max(wait, self.delay + self._search_lag - self.nbefore)
+        return wait
+
     def reset(self, first_sample: int = 0) -> None:
         self.detector.reset(first_sample)
         self.snippets.reset(first_sample)
