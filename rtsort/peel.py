@@ -22,7 +22,9 @@ least ``assign.template_min_scale``, is the best of every unit within
 spike (first pass, peeled, or matched before) lies within ``QUIET_UM`` from
 ``QUIET_BEFORE`` samples before it (the late phase of a spike, past its
 template's end, is still in the residual) to ``QUIET_AFTER`` after (what a
-subtraction left). Its ``kind`` is MATCH.
+subtraction left). Its ``kind`` is MATCH. Units whose template at scale
+``template_min_scale`` is still ``detect.amp_threshold`` deep are not
+searched: the detector always finds their spikes.
 
 A peeled spike leaves later than the others: the residual is final
 ``delay`` samples after the newest sample (the slowest event's wait, the
@@ -61,7 +63,8 @@ SEARCH_ENERGY = 0.97  # the share of a template's energy the matched filter keep
 QUIET_UM = 100.0
 QUIET_BEFORE = 45
 QUIET_AFTER = 10
-_FIRST_PASS, _LATER = 0, 1  # where a known spike came from (the second pass's rules look at the first pass's only)
+_FIRST_PASS, _LATER = 0, 1
+_TILE = 256  # window starts per block of the matched filter  # where a known spike came from (the second pass's rules look at the first pass's only)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -124,21 +127,43 @@ def _is_new(samples, channels, units, r_samples, r_channels, r_units, positions,
 
 
 @numba.njit(cache=True, nogil=True)
-def _match_filter(res, channels, n_channels, templates, tau0, tau1, inv_norm, out):
-    """out[u, t] = <res[c, t + tau], templates[u, tau, j]> / |templates[u]| over tau0 <= tau < tau1 and the
-    first ``n_channels[u]`` channels c = channels[u, j] (``res`` channel-major, noise units)."""
+def _match_filter(head, residual, inv_noise, used, slot, n_channels, templates, tau0, tau1, inv_norm, out):
+    """out[u, t] = <x[t + tau, c], templates[u, tau, j]> / |templates[u]| over tau0 <= tau < tau1 and the first
+    ``n_channels[u]`` slots j (channel c = used[slot[u, j]]), where x is ``head`` then ``residual`` (rows of
+    samples, uV) times ``inv_noise``, and zero past their end.
+
+    Tile by tile of window starts, the used channels are copied channel-major into a buffer that stays in
+    cache, so the innermost loop runs over contiguous samples (vectorised)."""
     n = out.shape[1]
-    for u in range(templates.shape[0]):
-        row = out[u]
-        row[:] = 0.0
-        n_k = n_channels[u]  # locals and a slice, or LLVM does not vectorise the inner loop (6x slower)
-        inv = inv_norm[u]
-        for tau in range(tau0, tau1):
-            for j in range(n_k):
-                w = templates[u, tau, j] * inv
-                src = res[channels[u, j], tau : tau + n]
-                for t in range(n):  # contiguous: vectorises
-                    row[t] += src[t] * w
+    n_head = head.shape[0]
+    n_rows = n_head + residual.shape[0]
+    span = _TILE + tau1
+    buf = np.zeros((used.shape[0], span), np.float32)
+    for b0 in range(0, n, _TILE):
+        b1 = min(b0 + _TILE, n)
+        for i in range(b1 - b0 + tau1):
+            r = b0 + i
+            if r < n_head:
+                for q in range(used.shape[0]):
+                    buf[q, i] = head[r, used[q]] * inv_noise[used[q]]
+            elif r < n_rows:
+                for q in range(used.shape[0]):
+                    buf[q, i] = residual[r - n_head, used[q]] * inv_noise[used[q]]
+            else:
+                for q in range(used.shape[0]):
+                    buf[q, i] = 0.0
+        width = b1 - b0
+        for u in range(templates.shape[0]):
+            row = out[u, b0:b1]
+            row[:] = 0.0
+            n_k = n_channels[u]  # locals and slices, or LLVM does not vectorise the inner loop (6x slower)
+            inv = inv_norm[u]
+            for tau in range(tau0, tau1):
+                for j in range(n_k):
+                    w = templates[u, tau, j] * inv
+                    src = buf[slot[u, j], tau : tau + width]
+                    for t in range(width):  # contiguous: vectorises
+                        row[t] += src[t] * w
 
 
 @numba.njit(cache=True, nogil=True)
@@ -256,6 +281,11 @@ class Peeler:
         self.quiet_before = samples(QUIET_BEFORE)
         self.quiet_after = samples(QUIET_AFTER)
         tm = matcher.templates  # (U, T, C), noise units
+        # a unit whose template at the smallest scale a match may have is still amp_threshold deep is always the
+        # detector's spike: only the others can hide under its thresholds, and only they are searched
+        size = np.abs(tm).max(axis=(1, 2)) if tm.shape[0] else np.zeros(0)
+        self._search_units = np.flatnonzero(size * matcher.min_scale < front.config.detect.amp_threshold)
+        tm = tm[self._search_units]
         self._peak = (np.abs(tm).max(axis=1).argmax(axis=1) if tm.shape[0] else np.zeros(0, np.int64)).astype(np.int64)
         self._search_ch = np.ascontiguousarray(matcher.channel_index[self._peak])  # (U, K): each unit's own channels
         tmk = np.take_along_axis(tm, self._search_ch[:, None, :], axis=2).astype(np.float64)  # (U, T, K)
@@ -281,6 +311,11 @@ class Peeler:
         for u in range(tmk.shape[0]):
             kept[u, lo : hi + 1, : self._search_nk[u]] = tmk[u, lo : hi + 1, : self._search_nk[u]]
         self._search_tm = np.ascontiguousarray(kept, dtype=np.float32)
+        # the channels the matched filters read, and each unit's channels as places in that list
+        mask = np.arange(self._search_ch.shape[1])[None, :] < self._search_nk[:, None]
+        self._search_used = np.unique(self._search_ch[mask]).astype(np.int64)
+        self._search_slot = np.searchsorted(self._search_used, self._search_ch).astype(np.int64)
+        self._search_slot[~mask] = 0
         nrm = np.sqrt((kept ** 2).sum(axis=(1, 2)))
         self._inv_norm = np.where(nrm > 0, 1.0 / np.maximum(nrm, 1e-12), 0.0).astype(np.float32)
         xy = self.positions[self._peak]
@@ -312,8 +347,8 @@ class Peeler:
         self._pending = np.zeros(0, _PENDING)  # labelled spikes whose template still reaches unreleased samples
         # spikes still near the residual: (sample, channel, unit, _FIRST_PASS or _LATER)
         self._recent = np.zeros((0, 4), np.int64)
-        self._res_t = np.zeros((self.templates_uv.shape[2], 0), np.float32)  # residual (noise units) from _z_next on
-        self._z = np.zeros((self.templates_uv.shape[0], 0), np.float32)  # the matched filters from _z_start on
+        self._head = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _z_next on
+        self._z = np.zeros((self._search_units.size, 0), np.float32)  # the matched filters from _z_start on
         self._z_start = self._z_next = self._d_next = int(first_sample)
 
     def warmup(self) -> None:
@@ -328,9 +363,9 @@ class Peeler:
         _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
                   self.templates_uv)
         _is_new(ch, ch, ch, ch, ch, ch, self.positions, 1, 1.0, 1, 1, np.zeros(1, np.bool_))
-        u, t_len, n_k = self._search_tm.shape
-        z = np.zeros((u, 1), np.float32)
-        _match_filter(np.zeros((self.templates_uv.shape[2], t_len), np.float32), self._search_ch, self._search_nk,
+        z = np.zeros((self._search_tm.shape[0], 1), np.float32)
+        rows = np.zeros((1, self.templates_uv.shape[2]), np.float32)
+        _match_filter(rows, rows, self._inv_noise, self._search_used, self._search_slot, self._search_nk,
                       self._search_tm, *self._search_tau, self._inv_norm, z)
         _best_matches(z, 0, 0, 1, self._near, 1, np.inf, ch, ch)
         _quiet(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, np.zeros(1, np.bool_))
@@ -420,25 +455,24 @@ class Peeler:
         t_len = self._search_tm.shape[1]
         z_hi = final - t_len + 1  # the last window start whose samples are all final, plus one
         m = z_hi - self._z_next
-        kept, k = self._res_t.shape[1], residual.shape[0]
-        # whole SIMD vectors: a few more window starts over zeros, computed and dropped (1.5x faster at 30 samples
-        # a chunk than a scalar remainder)
-        pad = -m % 8 if m > 0 else 0
-        res = np.empty((self._res_t.shape[0], kept + k + pad), np.float32)
-        res[:, :kept] = self._res_t
-        np.multiply(residual.T, self._inv_noise[:, None], out=res[:, kept : kept + k])
-        res[:, kept + k :] = 0.0
         if m > 0:
             if label:
-                z = np.empty((self._z.shape[0], m + pad), np.float32)
-                _match_filter(res, self._search_ch, self._search_nk, self._search_tm, *self._search_tau,
-                              self._inv_norm, z)
+                # whole SIMD vectors: a few more window starts over zeros, computed and dropped (1.5x faster at
+                # 30 samples a chunk than a scalar remainder)
+                z = np.empty((self._z.shape[0], m + (-m % 8)), np.float32)
+                _match_filter(self._head, residual, self._inv_noise, self._search_used, self._search_slot,
+                              self._search_nk, self._search_tm, *self._search_tau, self._inv_norm, z)
                 self._z = np.concatenate([self._z, z[:, :m]], axis=1)
             else:  # overload: the matched filters are skipped and the search starts again after the gap
                 self._z = self._z[:, :0]
                 self._z_start = z_hi
             self._z_next = z_hi
-        self._res_t = res[:, max(m, 0) : kept + k]  # the samples of the window starts still to come
+        # the samples of the window starts still to come (at most t_len - 1 of them, unless the block was short)
+        keep = final - self._z_next
+        if keep <= residual.shape[0]:
+            self._head = residual[residual.shape[0] - keep :].copy()
+        else:
+            self._head = np.concatenate([self._head[self._head.shape[0] - (keep - residual.shape[0]) :], residual])
         d_lo, d_hi = self._d_next, final - self._search_lag
         if d_hi <= d_lo:
             return _NO_EVENTS, _NO_UNITS
@@ -465,6 +499,7 @@ class Peeler:
             return _NO_EVENTS, _NO_UNITS
         samples = t + self.nbefore
         channels = self._peak[u]
+        u = self._search_units[u]  # the searched units' numbers
         r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
         keep = np.empty(t.size, np.bool_)
         _quiet(samples, channels, u, np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]),
