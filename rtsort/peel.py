@@ -63,8 +63,8 @@ SEARCH_ENERGY = 0.97  # the share of a template's energy the matched filter keep
 QUIET_UM = 100.0
 QUIET_BEFORE = 45
 QUIET_AFTER = 10
-_FIRST_PASS, _LATER = 0, 1
-_TILE = 256  # window starts per block of the matched filter  # where a known spike came from (the second pass's rules look at the first pass's only)
+_FIRST_PASS, _LATER = 0, 1  # where a known spike came from (the second pass's rules look at the first pass's only)
+_TILE = 256  # window starts per block of the matched filter
 
 
 @numba.njit(cache=True, nogil=True)
@@ -447,7 +447,8 @@ class Peeler:
             self._recent = np.concatenate([self._recent, known])
 
     def _search(self, residual: np.ndarray, final: int, label: bool):
-        """Run every unit's template over the residual up to ``final`` and return the matches decided (events, units).
+        """Run the searched units' templates over the residual up to ``final``; return the matches decided
+        (events, units).
 
         Window starts are decided in stream order, ``_search_lag`` samples
         behind ``final``, so every chunking decides the same matches.
