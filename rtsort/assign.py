@@ -89,6 +89,14 @@ def _nearest(features, centroids, centroid_unit, radius, rate, within, unit, dis
                                         top_d, top_j)
 
 
+def padded_rows(rows, dtype) -> np.ndarray:
+    """Index lists of unequal length as one array (len(rows), longest), padded with -1 (at least one column)."""
+    out = np.full((len(rows), max([r.size for r in rows] + [1])), -1, dtype)
+    for i, r in enumerate(rows):
+        out[i, :r.size] = r
+    return out
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def shifted_fit(x, templates, u, s, channel_index, c):
     """(<x, T>, |T|^2) of snippet ``x`` (T, K) on peak channel ``c`` and unit ``u``'s template shifted by ``s``."""
@@ -226,11 +234,10 @@ class TemplateMatcher:
         self.templates = np.ascontiguousarray(tm * inv[None, None, :])
         self.channel_index = np.ascontiguousarray(channel_index, dtype=np.int64)
         # the units a candidate peaking on channel c may be: those whose template peaks on one of c's snippet channels
-        peak = np.abs(self.templates).max(axis=1).argmax(axis=1) if tm.shape[0] else np.zeros(0, np.int64)
-        near = [np.flatnonzero(np.isin(peak, row)) for row in self.channel_index]
-        self.near_units = np.full((len(near), max([n.size for n in near] + [1])), -1, np.int32)
-        for c, n in enumerate(near):
-            self.near_units[c, :n.size] = n
+        self.peak = (np.abs(self.templates).max(axis=1).argmax(axis=1) if tm.shape[0]  # each unit's peak channel
+                     else np.zeros(0)).astype(np.int64)
+        self.near_units = padded_rows([np.flatnonzero(np.isin(self.peak, row)) for row in self.channel_index],
+                                      np.int32)
         self.max_shift = int(max_shift)
         self.min_snr = float(min_snr)
         self.min_scale = float(min_scale)

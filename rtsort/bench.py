@@ -189,7 +189,7 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         "wait_ms": run.get("wait_ms", {}),  # trough -> end of the chunk that completed its snippet
         "arrival_ms": run.get("arrival_ms", {}),  # a chunk's last sample taken -> chunk read by rtsort
         "emitted_ms": run.get("trough_to_emit_ms", {}),  # trough -> sent by rtsort (wait, transport in, compute)
-        "peeled": run.get("peeled", 0),  # collisions found in the residual: they leave ~1.4 ms later (rtsort.peel)
+        "peeled": run.get("peeled", 0),  # collisions and matches found in the residual: they leave later (rtsort.peel)
         "peeled_wait_ms": run.get("peeled_wait_ms", {}),
         "peeled_emitted_ms": run.get("peeled_trough_to_emit_ms", {}),
         "compute_ms": run.get("compute_ms", {}),
@@ -389,8 +389,8 @@ def markdown(report: dict) -> str:
         if r.get("peeled"):
             w, s = r.get("peeled_wait_ms", {}), r.get("peeled_emitted_ms", {})
             sent = f", sent p50 {s['p50']:.3f} ms" if "p50" in s else ""
-            lines.append(f"{r['channels']} ch {r['transport']}: {r['peeled']} peeled spikes (collisions, "
-                         f"leave later): wait p50 {w.get('p50', float('nan')):.3f} ms, p99 "
+            lines.append(f"{r['channels']} ch {r['transport']}: {r['peeled']} peeled spikes (collisions "
+                         f"and matches, leave later): wait p50 {w.get('p50', float('nan')):.3f} ms, p99 "
                          f"{w.get('p99', float('nan')):.3f} ms{sent}")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 
-from .assign import AMPLITUDE_RANGE, shifted_fit
+from .assign import AMPLITUDE_RANGE, padded_rows, shifted_fit
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
@@ -105,28 +105,6 @@ def _subtract(residual, first, starts, units, scale, templates_uv):
 
 
 @numba.njit(cache=True, nogil=True)
-def _is_new(samples, channels, units, r_samples, r_channels, r_units, positions, twin, twin_um, refractory, ahead,
-            out):
-    """out[i]: no first-pass spike (sorted by sample) within ``twin`` samples and ``twin_um``, and none of the same
-    unit within ``refractory`` samples; only first-pass spikes up to ``ahead`` samples later are looked at."""
-    reach = max(twin, refractory)
-    for i in range(samples.shape[0]):
-        s = samples[i]
-        j = np.searchsorted(r_samples, s - reach)
-        ok = True
-        while ok and j < r_samples.shape[0] and r_samples[j] <= s + min(reach, ahead):
-            dt = abs(r_samples[j] - s)
-            if dt <= refractory and r_units[j] == units[i]:
-                ok = False
-            elif dt <= twin:
-                dx = positions[r_channels[j], 0] - positions[channels[i], 0]
-                dy = positions[r_channels[j], 1] - positions[channels[i], 1]
-                ok = dx * dx + dy * dy > twin_um * twin_um
-            j += 1
-        out[i] = ok
-
-
-@numba.njit(cache=True, nogil=True)
 def _match_filter(head, residual, inv_noise, used, slot, n_channels, templates, tau0, tau1, inv_norm, out):
     """out[u, t] = <x[t + tau, c], templates[u, tau, j]> / |templates[u]| over tau0 <= tau < tau1 and the first
     ``n_channels[u]`` slots j (channel c = used[slot[u, j]]), where x is ``head`` then ``residual`` (rows of
@@ -137,8 +115,7 @@ def _match_filter(head, residual, inv_noise, used, slot, n_channels, templates, 
     n = out.shape[1]
     n_head = head.shape[0]
     n_rows = n_head + residual.shape[0]
-    span = _TILE + tau1
-    buf = np.zeros((used.shape[0], span), np.float32)
+    buf = np.empty((used.shape[0], min(_TILE, n) + tau1), np.float32)  # every column is written before it is read
     for b0 in range(0, n, _TILE):
         b1 = min(b0 + _TILE, n)
         for i in range(b1 - b0 + tau1):
@@ -199,37 +176,41 @@ def _best_matches(z, z0, d0, d1, near, half, gate, out_t, out_u):
     return n
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _clash(dt, same_unit, d2, near_before, near_after, near_um, same_before, same_after):
+    """A known spike ``dt`` samples after a new one (``d2``: squared distance in um) rules it out: the same unit
+    from ``same_before`` samples before to ``same_after`` after, or any unit within ``near_um`` from
+    ``near_before`` before to ``near_after`` after."""
+    if same_unit and -same_before <= dt <= same_after:
+        return True
+    return -near_before <= dt <= near_after and d2 <= near_um * near_um
+
+
 @numba.njit(cache=True, nogil=True)
-def _quiet(samples, channels, units, r_samples, r_channels, r_units, positions, before, after, quiet_um, refractory,
-           out):
-    """out[i]: no known spike (sorted by sample) within ``quiet_um`` from ``before`` samples before to ``after``
-    after, none of the same unit from ``refractory`` before to ``after`` after, and the same for the matches kept
-    before it (``samples`` in time order)."""
-    reach = max(before, refractory)
+def _clear(samples, channels, units, r_samples, r_channels, r_units, positions, near_before, near_after, near_um,
+           same_before, same_after, sequential, out):
+    """out[i]: no known spike (``r_*``, sorted by sample) rules spike i out (:func:`_clash`); with
+    ``sequential``, nor does any spike kept before it (``samples`` in time order)."""
+    lo = max(near_before, same_before)
+    hi = max(near_after, same_after)
     for i in range(samples.shape[0]):
         s = samples[i]
+        px = positions[channels[i], 0]
+        py = positions[channels[i], 1]
         ok = True
-        j = np.searchsorted(r_samples, s - reach)
-        while ok and j < r_samples.shape[0] and r_samples[j] <= s + after:
-            dt = r_samples[j] - s
-            if r_units[j] == units[i] and dt >= -refractory:
-                ok = False
-            elif -before <= dt <= after:
-                dx = positions[r_channels[j], 0] - positions[channels[i], 0]
-                dy = positions[r_channels[j], 1] - positions[channels[i], 1]
-                ok = dx * dx + dy * dy > quiet_um * quiet_um
+        j = np.searchsorted(r_samples, s - lo)
+        while ok and j < r_samples.shape[0] and r_samples[j] <= s + hi:
+            d2 = (positions[r_channels[j], 0] - px) ** 2 + (positions[r_channels[j], 1] - py) ** 2
+            ok = not _clash(r_samples[j] - s, r_units[j] == units[i], d2, near_before, near_after, near_um,
+                            same_before, same_after)
             j += 1
-        for q in range(i):
-            if not ok:
-                break
+        q = 0
+        while sequential and ok and q < i:
             if out[q]:
-                dt = samples[q] - s
-                if units[q] == units[i] and -refractory <= dt <= after:
-                    ok = False
-                elif -before <= dt <= after:
-                    dx = positions[channels[q], 0] - positions[channels[i], 0]
-                    dy = positions[channels[q], 1] - positions[channels[i], 1]
-                    ok = dx * dx + dy * dy > quiet_um * quiet_um
+                d2 = (positions[channels[q], 0] - px) ** 2 + (positions[channels[q], 1] - py) ** 2
+                ok = not _clash(samples[q] - s, units[q] == units[i], d2, near_before, near_after, near_um,
+                                same_before, same_after)
+            q += 1
         out[i] = ok
 
 
@@ -286,7 +267,7 @@ class Peeler:
         size = np.abs(tm).max(axis=(1, 2)) if tm.shape[0] else np.zeros(0)
         self._search_units = np.flatnonzero(size * matcher.min_scale < front.config.detect.amp_threshold)
         tm = tm[self._search_units]
-        self._peak = (np.abs(tm).max(axis=1).argmax(axis=1) if tm.shape[0] else np.zeros(0, np.int64)).astype(np.int64)
+        self._peak = matcher.peak[self._search_units]
         self._search_ch = np.ascontiguousarray(matcher.channel_index[self._peak])  # (U, K): each unit's own channels
         tmk = np.take_along_axis(tm, self._search_ch[:, None, :], axis=2).astype(np.float64)  # (U, T, K)
         # only what carries the energy (cost, not accuracy): each unit's channels holding SEARCH_ENERGY of its
@@ -320,10 +301,7 @@ class Peeler:
         self._inv_norm = np.where(nrm > 0, 1.0 / np.maximum(nrm, 1e-12), 0.0).astype(np.float32)
         xy = self.positions[self._peak]
         d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(axis=2))
-        near = [np.flatnonzero(row <= SEARCH_COMPETE_UM) for row in d]
-        self._near = np.full((len(near), max([n.size for n in near] + [1])), -1, np.int64)
-        for u, n in enumerate(near):
-            self._near[u, :n.size] = n
+        self._near = padded_rows([np.flatnonzero(row <= SEARCH_COMPETE_UM) for row in d], np.int64)
         self._inv_noise = (1.0 / self.noise[1]).astype(np.float32)
         # a match at window start t is decided once the matched filters reach t + peak_half and every spike found
         # elsewhere up to its trough + quiet_after has been found
@@ -362,13 +340,12 @@ class Peeler:
               AMPLITUDE_RANGE[1], self.max_shift, a, s)
         _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
                   self.templates_uv)
-        _is_new(ch, ch, ch, ch, ch, ch, self.positions, 1, 1.0, 1, 1, np.zeros(1, np.bool_))
+        _clear(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, 1, True, np.zeros(1, np.bool_))
         z = np.zeros((self._search_tm.shape[0], 1), np.float32)
         rows = np.zeros((1, self.templates_uv.shape[2]), np.float32)
         _match_filter(rows, rows, self._inv_noise, self._search_used, self._search_slot, self._search_nk,
                       self._search_tm, *self._search_tau, self._inv_norm, z)
         _best_matches(z, 0, 0, 1, self._near, 1, np.inf, ch, ch)
-        _quiet(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, np.zeros(1, np.bool_))
 
     def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray,
                 label: bool = True):
@@ -503,9 +480,9 @@ class Peeler:
         u = self._search_units[u]  # the searched units' numbers
         r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
         keep = np.empty(t.size, np.bool_)
-        _quiet(samples, channels, u, np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]),
+        _clear(samples, channels, u, np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]),
                np.ascontiguousarray(r[:, 2]), self.positions, self.quiet_before, self.quiet_after, QUIET_UM,
-               self.refractory, keep)
+               self.refractory, self.quiet_after, True, keep)
         ev = np.zeros(int(keep.sum()), EVENT_DTYPE)
         ev["sample_index"] = samples[keep]
         ev["channel"] = channels[keep]
@@ -536,7 +513,8 @@ class Peeler:
         r = self._recent[self._recent[:, 3] == _FIRST_PASS]
         r = r[np.argsort(r[:, 0], kind="stable")]
         out = np.empty(samples.size, np.bool_)
-        _is_new(samples, channels, units.astype(np.int64), np.ascontiguousarray(r[:, 0]),
-                np.ascontiguousarray(r[:, 1]), np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES,
-                DUPLICATE_UM, self.refractory, self._ahead, out)
+        _clear(samples, channels, units.astype(np.int64), np.ascontiguousarray(r[:, 0]),
+               np.ascontiguousarray(r[:, 1]), np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES,
+               min(DUPLICATE_SAMPLES, self._ahead), DUPLICATE_UM, self.refractory, min(self.refractory, self._ahead),
+               False, out)
         return out

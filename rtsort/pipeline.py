@@ -274,7 +274,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     Returns the run's statistics: counts, compute per chunk (total and per
     stage), and per spike the algorithmic wait (trough to the end of the chunk
     that completed it) and trough-to-emission time on the source clock; those
-    of the peeled spikes (collisions found in the residual, ``rtsort.peel``)
+    of the peeled spikes (collisions and matches found in the residual, ``rtsort.peel``)
     apart, as ``peeled_wait_ms`` and ``peeled_trough_to_emit_ms``. Sinks
     are closed on every exit, so spikes already found always reach the output.
     """
@@ -297,7 +297,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         raise
     live = not (isinstance(src, FileSource) and not speed)
     compute, stages, sink_ns, latency, wait, arrival = [], [], [], [], [], []
-    peeled_latency, peeled_wait = [], []  # peeled spikes (collisions) wait for the residual: counted apart
+    peeled_latency, peeled_wait = [], []  # peeled spikes (collisions, matches) wait for the residual: apart
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
