@@ -22,6 +22,13 @@ alone: 1): the tail of a big unit's spike, a millisecond after its trough,
 can correlate with a small neighbour's template as well as that unit's own
 spikes do, but it is not explained by it. README, "Labelling", has the
 figures.
+
+The same late phase also crosses the spikes' threshold when the big unit
+drifts towards a channel: :class:`LatePhase` drops an event (spike or claimed
+candidate) whose best fit leaves more than ``late_phase_residual`` mean
+squared residual per sample when it lies ``LATE_PHASE_SAMPLES`` after an event
+within ``LATE_PHASE_UM`` at least ``LATE_PHASE_RATIO`` times deeper. It is a
+tail, as the events nearest a tail centroid are, and is counted with them.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a facto
 # a candidate's residual may also hold this fraction of the fitted template's energy (template mismatch and a
 # colliding spike grow with the unit's size; the tail of another unit's spike claimed by a small template does not)
 RESIDUAL_OF_FIT = 0.5
+# the late phase of a spike (its repolarisation) lies this many samples after its trough (at 30 kHz) and reaches
+# channels this far, at most 1 / LATE_PHASE_RATIO of the trough's size (measured on tools/compare.py's recordings;
+# rtsort.peel's quiet window for the search is the same phase)
+LATE_PHASE_SAMPLES = (15, 45)
+LATE_PHASE_UM = 100.0
+LATE_PHASE_RATIO = 2.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -114,7 +127,8 @@ def shifted_fit(x, templates, u, s, channel_index, c):
 @numba.njit(cache=True, nogil=True)
 def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
                max_residual):
-    """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain).
+    """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain,
+    mean squared residual per sample of that unit's fit; NaN without one).
 
     gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels; the fit maximises
     gain - ``prior`` (a - 1)^2 ||T||^2, so a = (<x, T> + prior ||T||^2) / ((1 + prior) ||T||^2) clipped to
@@ -151,13 +165,16 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
                 best_a = dot / nrm
                 best_nrm = nrm
     ok = best_z >= min_snr and best_a >= min_scale
-    if ok and max_residual < np.inf:
+    res = np.nan
+    if ok:
         energy = 0.0
         for t in range(t_len):
             for j in range(n_k):
                 energy += x[t, j] * x[t, j]
-        ok = energy - best_g <= max_residual * t_len * n_k + RESIDUAL_OF_FIT * best_a * best_a * best_nrm
-    return (best_u if ok else -1), best_g
+        res = (energy - best_g) / (t_len * n_k)
+        if max_residual < np.inf:
+            ok = energy - best_g <= max_residual * t_len * n_k + RESIDUAL_OF_FIT * best_a * best_a * best_nrm
+    return (best_u if ok else -1), best_g, res
 
 
 @numba.njit(cache=True, nogil=True)
@@ -167,16 +184,18 @@ def _match(xn, channels, channel_index, templates, candidates, amin, amax, prior
     for i in range(xn.shape[0]):
         gain[i] = np.nan
         if unit[i] >= 0:
-            unit[i], gain[i] = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin, amax,
-                                          prior, max_shift, min_snr, min_scale, max_residual)
+            unit[i], gain[i], _ = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin,
+                                             amax, prior, max_shift, min_snr, min_scale, max_residual)
 
 
 @numba.njit(cache=True, nogil=True)
 def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate, within, n_cand, near_units,
-           channel_index, templates, amin, amax, prior, max_shift, min_snr, min_scale, max_residual, unit, dist):
+           channel_index, templates, amin, amax, prior, max_shift, min_snr, min_scale, max_residual, unit, dist,
+           residual):
     """Every event of a chunk in one pass: spikes (``deep``, rows of ``features`` in order) by nearest centroid and
     template fit among the short list; candidates by template fit among ``near_units`` of their channel, which
-    must also leave at most ``max_residual`` (a spike's residual is not limited: collisions stay labelled)."""
+    must also leave at most ``max_residual`` (a spike's residual is not limited: collisions stay labelled).
+    ``residual``: each labelled event's mean squared residual per sample (NaN if unlabelled)."""
     n = max(n_cand, 1)
     top_d = np.empty(n, np.float64)
     top_j = np.empty(n, np.int64)
@@ -184,17 +203,22 @@ def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate,
     r = 0
     for i in range(xn.shape[0]):
         c = channels[i]
+        residual[i] = np.nan
         if deep[i]:
             unit[i], dist[i] = _nearest_one(features[r], centroids, centroid_unit, radius, rate, within, cand,
                                             top_d, top_j)
             r += 1
             if unit[i] >= 0:
-                unit[i] = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, prior, max_shift,
-                                     min_snr, min_scale, np.inf)[0]
+                unit[i], _, res = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, prior, max_shift,
+                                             min_snr, min_scale, np.inf)
+                if unit[i] >= 0:
+                    residual[i] = res
         else:
             dist[i] = np.nan
-            unit[i] = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, prior, max_shift,
-                                 min_snr, min_scale, max_residual)[0]
+            unit[i], _, res = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, prior,
+                                         max_shift, min_snr, min_scale, max_residual)
+            if unit[i] >= 0:
+                residual[i] = res
 
 
 class TemplateMatcher:
@@ -303,16 +327,20 @@ class Assigner:
         return Assigner(self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within,
                         self.matcher, self.candidates)
 
-    def label(self, features: np.ndarray, xn: np.ndarray, channels: np.ndarray,
-              deep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def label(self, features: np.ndarray, xn: np.ndarray, channels: np.ndarray, deep: np.ndarray,
+              residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Label events: spikes (``deep``) as :meth:`assign` does, candidates by template fit alone.
 
         ``features`` holds the rows of the deep events only (candidates are not
         encoded); ``xn`` and ``channels`` cover every event. A candidate's units
         are those whose template peaks on one of its snippet channels; without
         a matcher no candidate is claimed. Distances of candidates are NaN.
+        ``residual`` (k,) float64, if given, receives each event's mean squared
+        residual per sample under its unit's fit (NaN: no template fit).
         """
         k = xn.shape[0]
+        if residual is not None:
+            residual[:] = np.nan
         if self.matcher is None or k == 0 or self.centroids.shape[0] == 0:
             unit = np.full(k, -1, np.int32)
             dist = np.full(k, np.nan, np.float32)
@@ -327,7 +355,8 @@ class Assigner:
                np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within, self.candidates,
                m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1],
-               m.amplitude_prior, m.max_shift, m.min_snr, m.min_scale, m.max_residual, unit, dist)
+               m.amplitude_prior, m.max_shift, m.min_snr, m.min_scale, m.max_residual, unit, dist,
+               residual if residual is not None else np.empty(k, np.float64))
         return unit, dist
 
     def assign(self, features: np.ndarray, xn: np.ndarray | None = None,
@@ -361,3 +390,79 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
         if cfg.template_candidates > 0 else None
     return Assigner(centroids, centroid_unit, radius, cfg.track_rate, cfg.track_within, matcher,
                     cfg.template_candidates)
+
+
+@numba.njit(cache=True, nogil=True)
+def _late_phase(subject, samples, channels, amplitudes, p_samples, p_channels, p_amplitudes, positions, lo, hi,
+                ratio, near_um, out):
+    """out[m]: event ``subject[m]`` lies ``lo``..``hi`` samples after a parent (``p_*``, sorted by sample) within
+    ``near_um`` whose |amplitude| is at least ``ratio`` x its own."""
+    for m in range(subject.shape[0]):
+        i = subject[m]
+        s = samples[i]
+        deeper = ratio * abs(amplitudes[i])
+        px = positions[channels[i], 0]
+        py = positions[channels[i], 1]
+        hit = False
+        j = np.searchsorted(p_samples, s - hi)
+        while not hit and j < p_samples.shape[0] and p_samples[j] <= s - lo:
+            if abs(p_amplitudes[j]) >= deeper:
+                dx = positions[p_channels[j], 0] - px
+                dy = positions[p_channels[j], 1] - py
+                hit = dx * dx + dy * dy <= near_um * near_um
+            j += 1
+        out[m] = hit
+
+
+class LatePhase:
+    """The events that are a bigger spike's late phase (see the module docstring), chunk by chunk in stream order.
+
+    Parameters
+    ----------
+    positions_um : ndarray (C, 2)
+    sampling_rate : float
+    max_residual : float
+        ``assign.late_phase_residual`` (0: no event is a late phase).
+    due_spread : int
+        The most samples by which an event can leave the snippet extractor later than an event whose trough is
+        later (``SnippetExtractor.due_spread``). The window starts after it, so an event's bigger neighbours have
+        always left with its own chunk or before, whatever the chunking.
+    """
+
+    def __init__(self, positions_um, sampling_rate: float, max_residual: float, due_spread: int = 0):
+        scale = sampling_rate / 30000.0
+        self.lo = max(int(round(LATE_PHASE_SAMPLES[0] * scale)), int(due_spread) + 1)
+        self.hi = max(int(round(LATE_PHASE_SAMPLES[1] * scale)), self.lo)
+        self._back = self.hi + int(due_spread)  # events this far before the newest trough can still be a parent
+        self.max_residual = float(max_residual)
+        self.positions = np.ascontiguousarray(positions_um, dtype=np.float64)
+        self.reset()
+
+    def reset(self) -> None:
+        self._recent = None  # the spikes that may still be a later event's bigger spike (EVENT_DTYPE)
+        self._newest = np.iinfo(np.int64).min  # the latest trough seen
+
+    def __call__(self, events: np.ndarray, residual: np.ndarray, keep: np.ndarray, spike: np.ndarray) -> np.ndarray:
+        """(k,) bool: which of a chunk's ``events`` (in ``keep``, with their fit's ``residual``) are a late phase.
+
+        The bigger spike may be any of the ``spike`` events (the deep ones: ``FrontEnd.spike_mask``), kept or not.
+        Chunks come in stream order; one call with every event of a recording gives the same answer."""
+        out = np.zeros(events.size, bool)
+        if events.size == 0 or self.max_residual <= 0:
+            return out
+        spikes = events[spike]
+        recent = spikes if self._recent is None else np.concatenate([self._recent, spikes])
+        subject = np.flatnonzero(keep & (residual > self.max_residual))
+        if subject.size:
+            order = np.argsort(recent["sample_index"], kind="stable")
+            p = recent[order]
+            hit = np.zeros(subject.size, np.bool_)
+            _late_phase(subject, np.ascontiguousarray(events["sample_index"]), np.ascontiguousarray(events["channel"]),
+                        np.ascontiguousarray(events["amplitude"]), np.ascontiguousarray(p["sample_index"]),
+                        np.ascontiguousarray(p["channel"]), np.ascontiguousarray(p["amplitude"]), self.positions,
+                        self.lo, self.hi, LATE_PHASE_RATIO, LATE_PHASE_UM, hit)
+            out[subject] = hit
+        if recent.size:
+            self._newest = max(self._newest, int(recent["sample_index"].max()))
+            self._recent = recent[recent["sample_index"] >= self._newest - self._back]
+        return out

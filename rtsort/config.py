@@ -238,6 +238,9 @@ class AssignConfig:
     # a template's scale a costs amplitude_prior x (a - 1)^2 x |T|^2 in the fit (noise units): a spike is its own
     # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
     amplitude_prior: float = 1.0
+    # an event whose best fit leaves more than this mean squared residual per sample (noise units) and that lies
+    # 0.5-1.5 ms after an event within 100 um twice as deep is that spike's late phase, dropped as a tail (0: never)
+    late_phase_residual: float = 3.0
     # subtract every labelled spike's template and look again for spikes it hid (collisions; rtsort.peel)
     peel: bool = True
     # with peel: also run every unit's template over the residual as a matched filter and take the spikes it finds
@@ -251,6 +254,7 @@ class AssignConfig:
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)
         _check_positive("assign.candidate_max_residual", self.candidate_max_residual, allow_zero=True)
         _check_positive("assign.amplitude_prior", self.amplitude_prior, allow_zero=True)
+        _check_positive("assign.late_phase_residual", self.late_phase_residual, allow_zero=True)
 
 
 @dataclass(frozen=True)

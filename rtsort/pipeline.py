@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from .assign import make_assigner
+from .assign import LatePhase, make_assigner
 from .bundle import Bundle, load_bundle
 from .errors import BundleError
 from .features import Encoder, Featurizer
@@ -61,6 +61,11 @@ def make_featurizer(bundle: Bundle, front: FrontEnd, threads: int = 1) -> Featur
                       bundle.features["position_scale_um"])
 
 
+def late_phase(front: FrontEnd, max_residual: float) -> LatePhase:
+    """The late-phase rule (``rtsort.assign.LatePhase``) for a front end's probe, rate and snippet timing."""
+    return LatePhase(front.probe.positions_um, front.sampling_rate, max_residual, front.snippets.due_spread)
+
+
 def spikes_kept(deep: np.ndarray, unit: np.ndarray) -> np.ndarray:
     """Which labelled events leave: the spikes (``deep``, from ``FrontEnd.spike_mask``) but those nearest a
     tail centroid (a bigger spike's late phase, seen again), and the candidates a unit's template claimed."""
@@ -96,12 +101,13 @@ class Pipeline:
                                       track_rate)
         self.peeler = Peeler(self.front, b.templates, self.assigner.matcher) \
             if b.config.assign.peel and self.assigner.matcher is not None else None
+        self.late_phase = late_phase(self.front, b.config.assign.late_phase_residual)
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
         self.n_candidates_dropped = 0  # shallow events no template claimed: not spikes
         self.n_candidates_claimed = 0  # shallow events a template claimed: spikes (in n_spikes)
-        self.n_tails = 0  # spikes nearest a tail centroid: a bigger spike's late phase, not spikes
+        self.n_tails = 0  # a bigger spike's late phase, not spikes: nearest a tail centroid, or LatePhase's
         self.last_peeled = 0  # how many of the last chunk's spikes (its last ones) the peeler found
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
@@ -118,6 +124,7 @@ class Pipeline:
 
     def reset(self, first_sample: int = 0) -> None:
         self.front.reset(first_sample)
+        self.late_phase.reset()
         if self.peeler is not None:
             self.peeler.reset(first_sample)
 
@@ -160,14 +167,18 @@ class Pipeline:
             deep = self.front.spike_mask(ev)
             features, xn = self.featurizer.encode(out.waveforms, ev["channel"], deep)
             t3 = time.perf_counter_ns()
-            unit, dist = self.assigner.label(features, xn, ev["channel"], deep)
+            residual = np.empty(ev.size, np.float64)
+            unit, dist = self.assigner.label(features, xn, ev["channel"], deep, residual)
             keep = spikes_kept(deep, unit)
-            if not keep.all() or not deep.all():
+            late = self.late_phase(ev, residual, keep, deep)
+            if not keep.all() or not deep.all() or late.any():
+                tail = (deep & ~keep) | late
+                keep &= ~late
                 n_claimed = int(np.count_nonzero(keep & ~deep))
                 self.n_candidates_claimed += n_claimed
-                self.n_candidates_dropped += int(np.count_nonzero(~deep)) - n_claimed
-                self.n_tails += int(np.count_nonzero(deep & ~keep))
-                tails = ev[deep & ~keep]
+                self.n_candidates_dropped += int(np.count_nonzero(~deep & ~late)) - n_claimed
+                self.n_tails += int(np.count_nonzero(tail))
+                tails = ev[tail]
                 ev, unit, dist, xn = ev[keep], unit[keep], dist[keep], xn[keep]
             st[3] = t3 - t2
             st[4] = time.perf_counter_ns() - t3

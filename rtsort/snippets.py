@@ -98,6 +98,11 @@ class SnippetExtractor:
         return int(self._due.max())
 
     @property
+    def due_spread(self) -> int:
+        """The most samples by which one event's due (trough to leaving) exceeds another's."""
+        return int(self._due.max() - self._due.min())
+
+    @property
     def wait_ms(self) -> float:
         """Post-trough wait for the samples after the trough (algorithmic latency floor)."""
         return (self.nafter - 1) * 1000.0 / self.sampling_rate

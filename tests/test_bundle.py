@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from rtsort.assign import AMPLITUDE_RANGE, Assigner, TemplateMatcher
+from rtsort.assign import AMPLITUDE_RANGE, Assigner, LatePhase, TemplateMatcher
 from rtsort.bundle import load_bundle
 from rtsort.errors import BundleError
 from rtsort.io import write_recording
 from rtsort.pipeline import Pipeline, sort_recording
-from rtsort.types import MATCH, SLOPE, TAIL
+from rtsort.types import EVENT_DTYPE, MATCH, SLOPE, TAIL
 
 
 @pytest.fixture
@@ -339,6 +339,38 @@ def test_a_candidate_must_leave_little_residual_a_spike_need_not():
         assert unit.tolist() == want, max_residual
         unit, _ = a.label(np.zeros((2, 2), np.float32), x, ch, np.ones(2, bool))  # spikes: residual not limited
         assert unit.tolist() == [0, 0]
+
+
+def test_late_phase_of_a_bigger_spike_is_dropped_whatever_the_chunking():
+    """[assign] late_phase_residual: an event that its unit's template leaves unexplained and that lies 0.5-1.5 ms
+    after an event twice as deep, nearby, is that spike's late phase. Not when it is far, well explained, too
+    close to the bigger spike (a collision), as deep, alone, or when the bigger event is not a spike (a
+    candidate); the same events for any split into chunks."""
+    positions = np.array([[0, 0], [0, 20], [0, 40], [0, 60], [0, 500]], np.float64)
+    rows = [  # sample, channel, amplitude, residual of its fit, a spike?, a late phase?
+        (100, 0, -200.0, 1.0, True, False),  # the big spike
+        (105, 1, -60.0, 5.0, True, False),  # 5 samples after: a collision
+        (130, 1, -60.0, 5.0, True, True),  # 1 ms after, 20 um away, a third of its size, unexplained
+        (131, 4, -60.0, 5.0, False, False),  # 500 um away
+        (132, 2, -60.0, 1.5, True, False),  # explained by its template
+        (140, 1, -150.0, 5.0, True, False),  # not twice smaller
+        (300, 0, -200.0, 1.0, False, False),  # a big candidate, not a spike ...
+        (330, 1, -60.0, 5.0, False, False),  # ... is nobody's bigger spike
+        (1000, 0, -60.0, 5.0, True, False),  # alone
+    ]
+    ev = np.zeros(len(rows), EVENT_DTYPE)
+    ev["sample_index"], ev["channel"], ev["amplitude"] = ([r[i] for r in rows] for i in range(3))
+    residual = np.array([r[3] for r in rows])
+    spike = np.array([r[4] for r in rows])
+    want = [r[5] for r in rows]
+    keep = np.ones(len(rows), bool)
+    for splits in ([], [1], [2, 3], [1, 2, 3, 4, 5, 6, 7, 8]):
+        rule = LatePhase(positions, 30000.0, 3.0, due_spread=4)
+        got = np.concatenate([rule(*parts) for parts in zip(*(np.split(a, splits) for a in (ev, residual, keep,
+                                                                                            spike)))])
+        assert got.tolist() == want, splits
+    assert not LatePhase(positions, 30000.0, 0.0, due_spread=4)(ev, residual, keep, spike).any()  # 0: never
+    assert LatePhase(positions, 30000.0, 3.0, due_spread=20).lo == 21  # after the due spread: chunk invariant
 
 
 def test_amplitude_prior_prefers_a_template_at_its_own_size():

@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import snippets_recording
-from ..pipeline import labelled, spikes_kept
+from ..pipeline import late_phase, labelled, spikes_kept
 from ..types import TAIL
 from .cluster import cluster, drift_merges, label_spikes, tail_units, templates_on_probe
 from .metrics import unit_metrics
@@ -86,14 +86,19 @@ def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, fea
     snippets (uV) and units.
     """
     units = []  # the kept events' units, chunk by chunk, in the order their snippets are kept
+    rule = []  # the late-phase rule, made for the first chunk's front end and kept for the stream
 
     def emitted(fe, ev, wf):
         deep = fe.spike_mask(ev)
         if featurizer is not None:
+            if not rule:
+                rule.append(late_phase(fe, config.assign.late_phase_residual))
             features, xn = featurizer.encode(wf, ev["channel"], deep)
-            unit = assigner.label(features, xn, ev["channel"], deep)[0]
+            residual = np.empty(ev.size)
+            unit = assigner.label(features, xn, ev["channel"], deep, residual)[0]
             keep = spikes_kept(deep, unit)
-        else:  # candidates only: no encoder needed
+            keep &= ~rule[0](ev, residual, keep, deep)
+        else:  # candidates only: no encoder needed (the caller applies the late-phase rule, with its spikes)
             unit = np.full(ev.size, -1, np.int32)
             cand = ~deep
             xn = normalize_waveforms(wf[cand], ev["channel"][cand], fe.snippets.channel_index, noise[1])
@@ -106,6 +111,24 @@ def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, fea
     ev, wf, _ = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=emitted,
                                    desc=desc)
     return ev, wf, np.concatenate(units) if units else np.zeros(0, np.int32)
+
+
+def late_events(events, waveforms, features, labels, others, fe, assigner, config: Config) -> np.ndarray:
+    """Which of a recording's emitted events the runtime drops as a bigger spike's late phase
+    (``rtsort.assign.LatePhase``, in one call: it gives what chunk after chunk gives). ``others``: the spikes
+    that did not leave (tails), which may be the bigger spike too."""
+    deep = fe.spike_mask(events)
+    residual = np.empty(events.size)
+    if config.assign.late_phase_residual > 0:
+        for i in range(0, events.size, ENCODE_BATCH):  # the fits' residuals, a batch of snippets at a time
+            b = slice(i, i + ENCODE_BATCH)
+            xn = normalize_waveforms(waveforms[b], events["channel"][b], fe.snippets.channel_index, fe.noise_levels[1])
+            assigner.label(features[b][deep[b]], xn, events["channel"][b], deep[b], residual[b])
+    every = np.concatenate([events, others])
+    n = others.size
+    return late_phase(fe, config.assign.late_phase_residual)(
+        every, np.r_[residual, np.full(n, np.nan)], np.r_[labels >= 0, np.zeros(n, bool)],
+        np.r_[deep, np.ones(n, bool)])[:events.size]
 
 
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
@@ -178,6 +201,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             if joined.max() + 1 == n_units:
                 break
             centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
+        tail_events = events[:0]
         size = np.abs(templates / noise[1][None, None, :]).max(axis=(1, 2)) if n_units else np.zeros(0)
         tail = tail_units(labels, events["sample_index"], loc, size, recording.sampling_rate, config.cluster, n_units)
         if tail.any():  # a tail's centroids mark its events as tails: they do not leave, as at run time
@@ -188,6 +212,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             labels, templates = label_spikes(clu.centroids, centroid_unit, clu.radius, features, waveforms, xn,
                                              channels, snip.channel_index, noise[1], n_units, config.assign)
             spike = labels != TAIL
+            tail_events = events[~spike]
             events, waveforms, features, loc, labels = (a[spike] for a in (events, waveforms, features, loc, labels))
             log.info("%d events of %d tail units are not spikes", int(np.count_nonzero(~spike)), int(tail.sum()))
         assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates, noise[1], snip.channel_index,
@@ -202,6 +227,10 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             features = np.concatenate([features, featurizer.combine(c_lat, c_loc)])
             loc = np.concatenate([loc, c_loc])
             labels = np.concatenate([labels, c_lab])
+        late = late_events(events, waveforms, features, labels, tail_events, fe, assigner, config)
+        if late.any():  # a bigger spike's late phase: the runtime drops them as tails
+            events, waveforms, features, loc, labels = (a[~late] for a in (events, waveforms, features, loc, labels))
+            log.info("%d events are a bigger spike's late phase", int(late.sum()))
         units, _ = unit_table(labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
                               recording, seed)
         spikes = labelled(events, labels, np.zeros(events.size, np.float32))
