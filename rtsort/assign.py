@@ -40,6 +40,7 @@ import numpy as np
 
 from .config import AssignConfig
 from .errors import BundleError
+from .types import EVENT_DTYPE
 
 AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a factor in this range
 # a candidate's residual may also hold this fraction of the fitted template's energy (template mismatch and a
@@ -393,25 +394,54 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
 
 
 @numba.njit(cache=True, nogil=True)
-def _late_phase(subject, samples, channels, amplitudes, p_samples, p_channels, p_amplitudes, positions, lo, hi,
-                ratio, near_um, out):
-    """out[m]: event ``subject[m]`` lies ``lo``..``hi`` samples after a parent (``p_*``, sorted by sample) within
-    ``near_um`` whose |amplitude| is at least ``ratio`` x its own."""
-    for m in range(subject.shape[0]):
-        i = subject[m]
+def _late_phase(samples, channels, amplitudes, residual, keep, spike, max_residual, h_samples, h_channels, h_size,
+                state, positions, lo, hi, back, ratio, near_um, out):
+    """One chunk of :class:`LatePhase`: the chunk's spikes join the history (``h_*``, ``state`` = [count, newest
+    trough]); out[i] for each event: kept, ``max_residual`` exceeded, and ``lo``..``hi`` samples after a spike of
+    the history within ``near_um`` and ``ratio`` x deeper. Then spikes older than ``back`` before the newest leave.
+    False (nothing changed) when the history has no room: the caller grows it and calls again."""
+    n_h = state[0]
+    newest = state[1]
+    k = samples.shape[0]
+    need = n_h
+    for i in range(k):
+        if spike[i]:
+            need += 1
+    if need > h_samples.shape[0]:
+        return False
+    for i in range(k):
+        if spike[i]:
+            h_samples[n_h] = samples[i]
+            h_channels[n_h] = channels[i]
+            h_size[n_h] = abs(amplitudes[i])
+            newest = max(newest, samples[i])
+            n_h += 1
+    for i in range(k):
+        out[i] = False
+        if not keep[i] or not residual[i] > max_residual:
+            continue
         s = samples[i]
         deeper = ratio * abs(amplitudes[i])
         px = positions[channels[i], 0]
         py = positions[channels[i], 1]
-        hit = False
-        j = np.searchsorted(p_samples, s - hi)
-        while not hit and j < p_samples.shape[0] and p_samples[j] <= s - lo:
-            if abs(p_amplitudes[j]) >= deeper:
-                dx = positions[p_channels[j], 0] - px
-                dy = positions[p_channels[j], 1] - py
-                hit = dx * dx + dy * dy <= near_um * near_um
-            j += 1
-        out[m] = hit
+        for j in range(n_h):
+            lag = s - h_samples[j]
+            if lag >= lo and lag <= hi and h_size[j] >= deeper:
+                dx = positions[h_channels[j], 0] - px
+                dy = positions[h_channels[j], 1] - py
+                if dx * dx + dy * dy <= near_um * near_um:
+                    out[i] = True
+                    break
+    m = 0
+    for j in range(n_h):
+        if h_samples[j] >= newest - back:
+            h_samples[m] = h_samples[j]
+            h_channels[m] = h_channels[j]
+            h_size[m] = h_size[j]
+            m += 1
+    state[0] = m
+    state[1] = newest
+    return True
 
 
 class LatePhase:
@@ -433,36 +463,38 @@ class LatePhase:
         scale = sampling_rate / 30000.0
         self.lo = max(int(round(LATE_PHASE_SAMPLES[0] * scale)), int(due_spread) + 1)
         self.hi = max(int(round(LATE_PHASE_SAMPLES[1] * scale)), self.lo)
-        self._back = self.hi + int(due_spread)  # events this far before the newest trough can still be a parent
+        self._back = self.hi + int(due_spread)  # spikes this far before the newest trough can still be the bigger one
         self.max_residual = float(max_residual)
         self.positions = np.ascontiguousarray(positions_um, dtype=np.float64)
         self.reset()
 
     def reset(self) -> None:
-        self._recent = None  # the spikes that may still be a later event's bigger spike (EVENT_DTYPE)
-        self._newest = np.iinfo(np.int64).min  # the latest trough seen
+        self._samples = np.zeros(256, np.int64)  # the spikes that may still be a later event's bigger spike
+        self._channels = np.zeros(256, np.int64)
+        self._size = np.zeros(256, np.float32)
+        self._state = np.array([0, np.iinfo(np.int64).min], np.int64)  # how many, the newest trough
+
+    def warmup(self) -> None:
+        """Compile the kernel (on a scratch copy: the history stays as it is)."""
+        ev = np.zeros(2, EVENT_DTYPE)
+        ev["sample_index"] = (0, self.hi)
+        ev["amplitude"] = (-2.0 * LATE_PHASE_RATIO, -1.0)
+        one = np.ones(2, np.bool_)
+        LatePhase(self.positions, 30000.0, 1.0)(ev, np.full(2, 2.0), one, one)
 
     def __call__(self, events: np.ndarray, residual: np.ndarray, keep: np.ndarray, spike: np.ndarray) -> np.ndarray:
         """(k,) bool: which of a chunk's ``events`` (in ``keep``, with their fit's ``residual``) are a late phase.
 
         The bigger spike may be any of the ``spike`` events (the deep ones: ``FrontEnd.spike_mask``), kept or not.
         Chunks come in stream order; one call with every event of a recording gives the same answer."""
-        out = np.zeros(events.size, bool)
+        out = np.zeros(events.size, np.bool_)
         if events.size == 0 or self.max_residual <= 0:
             return out
-        spikes = events[spike]
-        recent = spikes if self._recent is None else np.concatenate([self._recent, spikes])
-        subject = np.flatnonzero(keep & (residual > self.max_residual))
-        if subject.size:
-            order = np.argsort(recent["sample_index"], kind="stable")
-            p = recent[order]
-            hit = np.zeros(subject.size, np.bool_)
-            _late_phase(subject, np.ascontiguousarray(events["sample_index"]), np.ascontiguousarray(events["channel"]),
-                        np.ascontiguousarray(events["amplitude"]), np.ascontiguousarray(p["sample_index"]),
-                        np.ascontiguousarray(p["channel"]), np.ascontiguousarray(p["amplitude"]), self.positions,
-                        self.lo, self.hi, LATE_PHASE_RATIO, LATE_PHASE_UM, hit)
-            out[subject] = hit
-        if recent.size:
-            self._newest = max(self._newest, int(recent["sample_index"].max()))
-            self._recent = recent[recent["sample_index"] >= self._newest - self._back]
+        while not _late_phase(events["sample_index"], events["channel"], events["amplitude"],
+                              np.ascontiguousarray(residual, dtype=np.float64), keep, spike, self.max_residual,
+                              self._samples, self._channels, self._size, self._state, self.positions, self.lo,
+                              self.hi, self._back, LATE_PHASE_RATIO, LATE_PHASE_UM, out):
+            grow = 2 * (self._samples.size + int(np.count_nonzero(spike)))
+            self._samples, self._channels, self._size = (np.resize(a, grow) for a in
+                                                         (self._samples, self._channels, self._size))
         return out

@@ -119,6 +119,7 @@ class Pipeline:
         deep = np.array([True, False])  # a spike and a candidate: both paths compiled
         features, xn = self.featurizer.encode(np.zeros((2, s.n_samples, s.k_channels), np.float32), ch, deep)
         self.assigner.copy().label(features, xn, ch, deep)  # a scratch copy: warming must not move tracked centroids
+        self.late_phase.warmup()
         if self.peeler is not None:
             self.peeler.warmup()
 
