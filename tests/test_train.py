@@ -164,6 +164,48 @@ def test_drift_merges_joins_units_that_take_turns_and_only_those():
     assert more.size == 8 and len(set(more.tolist())) == 7 and more[0] == more[1]
 
 
+def test_drift_merges_joins_a_piece_that_fires_only_at_one_depth():
+    """A neuron that the probe's drift (a 20 um zigzag) moves off its channels leaves a small piece that fires only
+    at one extreme: it joins the neuron (and not an alike neighbour, nor two alike neurons each other); without
+    motion, nothing is joined."""
+    from rtsort.config import ClusterConfig
+    from rtsort.train.cluster import drift_merges
+
+    rng = np.random.default_rng(1)
+    t = np.linspace(0, 1, 30)
+    shape = -np.exp(-((t - 0.3) / 0.05) ** 2) + 0.3 * np.exp(-((t - 0.5) / 0.1) ** 2)
+
+    def motion(time_s):  # the probe's zigzag: +-10 um, 30 s period
+        return 10.0 - 40.0 * np.abs((time_s / 30.0) % 1.0 - 0.5)
+
+    def recording(drift: bool):
+        units, loc, wf, times = [], [], [], []
+
+        def add(unit, y, spike_times):
+            n = spike_times.size
+            units.append(np.full(n, unit))
+            loc.append(np.c_[np.zeros(n), y + (motion(spike_times) if drift else np.zeros(n))] + rng.normal(0, 3, (n, 2)))
+            wf.append(shape * 8 + rng.normal(0, 1, (n, t.size)))
+            times.append(spike_times)
+
+        s0 = np.sort(rng.uniform(0, 60, 900))
+        high = motion(s0) > 6.0  # up there, some of neuron 0's spikes are clustered apart: unit 1
+        piece = high & (rng.uniform(size=s0.size) < 0.4)
+        add(0, 100.0, s0[~piece])
+        add(1, 115.0, s0[piece])
+        for unit, y in ((2, 130.0), (3, 300.0), (4, 315.0)):  # alike, near, firing whatever the depth
+            add(unit, y, np.sort(rng.uniform(0, 60, 400)))
+        return [np.concatenate(a) for a in (units, loc, wf, times)]
+
+    units, loc, wf, times = recording(drift=True)
+    assert (units == 1).sum() < 0.1 * (units == 0).sum()  # too few to change neuron 0's counts: no turns taken
+    new = drift_merges(units, loc, wf, times, ClusterConfig(), pieces=True)
+    assert new[1] == new[0] and len({new[0], new[2], new[3], new[4]}) == 4
+    np.testing.assert_array_equal(drift_merges(units, loc, wf, times, ClusterConfig()), np.arange(5))  # pieces off
+    units, loc, wf, times = recording(drift=False)
+    np.testing.assert_array_equal(drift_merges(units, loc, wf, times, ClusterConfig(), pieces=True), np.arange(5))
+
+
 def test_split_groups_separates_neighbours_of_one_shape_and_keeps_one_unit_whole():
     """Two units of one waveform shape 20 um apart, put in one group, come apart on the group's own channels;
     a single unit whose amplitude varies 0.7-1.3x stays one group."""

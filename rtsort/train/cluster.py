@@ -34,6 +34,13 @@ log = logging.getLogger("rtsort.train")
 FAR = 1e3  # template distance of groups that cannot be compared
 # counts correlate by chance with a spread of about 1/sqrt(bins): 20 bins put -0.7 at 3 sigma for unrelated units
 MIN_DRIFT_BINS = 20
+# a piece of a neuron that drift moved away from its channels fires only while the probe sits at one depth: its
+# spikes' mean motion rank (0..1 over the recording's time bins) differs from its partner's by LOCKED_RANK, at
+# LOCKED_Z standard errors (counted in time bins), once the probe moved MIN_MOTION_UM (measured on
+# tools/compare.py's recordings: pieces 0.35-0.37 at 3.4-3.7; every other pair <= 0.09 at <= 1.2)
+MIN_MOTION_UM = 5.0
+LOCKED_RANK = 0.25
+LOCKED_Z = 3.0
 TAIL_MIN_LAG_MS = 0.2  # closer than this, two units' events are one spike seen twice, not a tail
 TAIL_UM = 100.0  # a tail unit sits this close to its parent
 
@@ -132,8 +139,68 @@ def unit_medians(units: np.ndarray, values: np.ndarray, n_units: int) -> np.ndar
         return np.stack([np.median(values[units == u], axis=0) for u in range(n_units)])
 
 
+def motion_trace(units: np.ndarray, depths: np.ndarray, time_bin: np.ndarray, n_bins: int, n_units: int) -> np.ndarray:
+    """The probe's motion per time bin (um along its depth): over the units with a few spikes per bin, the median
+    of (their spikes' median depth in the bin - their median depth). A bin no unit fills takes the median."""
+    rows = []
+    for u in range(n_units):
+        m = units == u
+        if np.count_nonzero(m) < 2 * n_bins:
+            continue
+        own = depths[m]
+        b = time_bin[m]
+        row = np.full(n_bins, np.nan)
+        for k in np.unique(b):
+            in_bin = own[b == k]
+            if in_bin.size >= 3:
+                row[k] = np.median(in_bin)
+        rows.append(row - np.median(own))
+    if not rows:
+        return np.zeros(n_bins)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bin no unit fills: NaN, filled below
+        motion = np.nanmedian(np.array(rows), axis=0)
+    fill = np.nanmedian(motion) if np.isfinite(motion).any() else 0.0
+    return np.where(np.isnan(motion), fill, motion)
+
+
+def locked_pieces(units: np.ndarray, time_bin: np.ndarray, motion: np.ndarray, candidates: np.ndarray) -> list:
+    """Units that fire only while the probe sits at one depth, each with the unit it is a piece of.
+
+    Each unit's motion rank is the mean, over its spikes, of the rank (0..1) of the motion in its spike's
+    time bin: about 0.5 for a neuron that fires whatever the probe's depth. A unit joins the partner among
+    ``candidates[unit]`` (near and alike) that fires in more time bins and whose rank differs most, by at least
+    ``LOCKED_RANK`` and ``LOCKED_Z`` standard errors (counted in time bins). Returns [(piece, partner, rank
+    difference)], the most locked first; a piece is nobody's partner."""
+    from scipy.stats import rankdata
+
+    n = candidates.shape[0]
+    rank = (rankdata(motion) - 0.5) / motion.size
+    mean = np.full(n, np.nan)
+    bins = np.zeros(n)
+    for u in range(n):
+        b = time_bin[units == u]
+        if b.size:
+            mean[u] = rank[b].mean()
+            bins[u] = np.unique(b).size
+    out, pieces = [], set()
+    for b in np.argsort(-np.abs(np.nan_to_num(mean - 0.5)), kind="stable"):
+        if not np.isfinite(mean[b]):
+            continue
+        best, best_d = -1, 0.0
+        for a in np.flatnonzero(candidates[b]):
+            d = abs(mean[a] - mean[b])
+            se = np.sqrt((1.0 / max(bins[a], 1.0) + 1.0 / max(bins[b], 1.0)) / 12.0)  # a rank's spread: 1 / sqrt(12)
+            if a not in pieces and bins[a] > bins[b] and d >= LOCKED_RANK and d >= LOCKED_Z * se and d > best_d:
+                best, best_d = int(a), float(d)
+        if best >= 0:
+            out.append((int(b), best, best_d))
+            pieces.add(int(b))
+    return out
+
+
 def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.ndarray, times_s: np.ndarray,
-                 cfg: ClusterConfig, n_units: int = 0) -> np.ndarray:
+                 cfg: ClusterConfig, n_units: int = 0, pieces: bool = False) -> np.ndarray:
     """Join units that are one neuron split by drift; return the new unit of each old unit.
 
     A neuron that moves along the probe changes its waveform on each channel,
@@ -142,7 +209,13 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
     their peak-channel waveforms agree (cosine >= ``drift_merge_similarity``)
     and they take turns: their spike counts in ``drift_bin_s`` bins correlate
     at or below ``-drift_merge_anticorrelation``. Neurons that merely look alike
-    fire independently (correlation near 0) and stay apart.
+    fire independently (correlation near 0) and stay apart. A small piece that
+    fires only at one extreme of the drift hardly changes its partner's counts:
+    it joins the near, alike unit it is locked against when the probe's motion
+    (:func:`motion_trace`, at least ``MIN_MOTION_UM``) explains when it fires
+    (:func:`locked_pieces`; with ``pieces``: for the final units, whose labels
+    are the runtime's. On the clustering's many small groups, C's drifting
+    recording lost two units to it).
 
     Parameters
     ----------
@@ -186,6 +259,21 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
             log.info("units %d and %d are one drifting neuron (%.0f um apart, waveform cosine %.2f, "
                      "count correlation %.2f): joined", a, b, np.linalg.norm(loc[a] - loc[b]),
                      float(wf[a] @ wf[b]), corr[a, b])
+    time_bin = np.minimum(((times_s - edges[0]) / cfg.drift_bin_s).astype(np.int64), edges.size - 2)
+    motion = motion_trace(units, locations[:, 1], time_bin, edges.size - 1, n) if pieces else np.zeros(1)
+    moved = float(np.ptp(motion))
+    if pieces:
+        log.info("the probe moved %.1f um over the recording (the units' median depth per %.0f s)", moved,
+                 cfg.drift_bin_s)
+    if moved >= MIN_MOTION_UM:
+        candidates = near & alike
+        np.fill_diagonal(candidates, False)
+        for b, a, d in locked_pieces(units, time_bin, motion, candidates):
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+                log.info("unit %d fires only at one depth of the drift (its motion rank %.2f from unit %d's, %.0f um "
+                         "apart): a piece of unit %d, joined", b, d, a, np.linalg.norm(loc[a] - loc[b]), a)
     roots = np.array([root(i) for i in range(n)])
     return np.unique(roots, return_inverse=True)[1]
 

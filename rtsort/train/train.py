@@ -197,7 +197,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
                                              channels, snip.channel_index, noise[1], n_units, config.assign)
             if n_units < 2 or rnd == 2:  # the labels and templates kept are those of the units kept
                 break
-            joined = drift_merges(labels, loc, xn[:, :, 0], times_s, config.cluster, n_units)
+            joined = drift_merges(labels, loc, xn[:, :, 0], times_s, config.cluster, n_units, pieces=True)
             if joined.max() + 1 == n_units:
                 break
             centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
