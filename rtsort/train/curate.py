@@ -27,7 +27,7 @@ from ..io.phy import manifest_digest, read_curation
 from ..pipeline import make_featurizer, spikes_kept
 from ..types import TAIL
 from .cluster import centroids_and_radii, label_spikes
-from .train import emitted_snippets, encode_all, unit_table
+from .train import emitted_snippets, encode_all, late_events, unit_table
 
 log = logging.getLogger("rtsort.train")
 
@@ -95,7 +95,9 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     centroid_unit = np.concatenate([centroid_unit, b.centroid_unit[tails]]).astype(np.int32)
     labels, templates = label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, events["channel"],
                                      ci, b.noise_levels[1], len(kept), b.config.assign, np.flatnonzero(deep))
-    now = spikes_kept(deep, labels)  # what the curated bundle will emit
+    now = spikes_kept(deep, labels)  # what the curated bundle will emit: not the late phases its templates leave
+    curated = make_assigner(centroids, centroid_unit, radius, templates, b.noise_levels[1], ci, b.config.assign, 0.0)
+    now &= ~late_events(events, waveforms, features, labels, events[:0], fe, curated, b.config)
     units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
                           b.noise_levels, recording, 0)
     for row, c in zip(units, kept):
