@@ -26,7 +26,7 @@ figures.
 The same late phase also crosses the spikes' threshold when the big unit
 drifts towards a channel: :class:`LatePhase` drops an event (spike or claimed
 candidate) whose best fit leaves more than ``late_phase_residual`` mean
-squared residual per sample when it lies ``LATE_PHASE_SAMPLES`` after an event
+squared residual per sample when it lies ``LATE_PHASE_SAMPLES`` after a spike
 within ``LATE_PHASE_UM`` at least ``LATE_PHASE_RATIO`` times deeper. It is a
 tail, as the events nearest a tail centroid are, and is counted with them.
 """
@@ -129,7 +129,7 @@ def shifted_fit(x, templates, u, s, channel_index, c):
 def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
                max_residual):
     """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain,
-    mean squared residual per sample of that unit's fit; NaN without one).
+    mean squared residual per sample of that unit's fit once it passes the gates, else NaN).
 
     gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels; the fit maximises
     gain - ``prior`` (a - 1)^2 ||T||^2, so a = (<x, T> + prior ||T||^2) / ((1 + prior) ||T||^2) clipped to

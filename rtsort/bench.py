@@ -297,7 +297,8 @@ def encoder_costs(encoder_path: Path, train_cfg=None, batch: int = 32, repeat: i
         return out
     if train_cfg is None:
         return out
-    model = SpikeEncoder(t, k, train_cfg.latent_dim, train_cfg.d_model, train_cfg.n_layers, train_cfg.n_heads).eval()
+    model = SpikeEncoder(t, k, train_cfg.latent_dim, train_cfg.d_model, train_cfg.n_layers, train_cfg.n_heads,
+                         linear_path=train_cfg.linear_path).eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     xt, pt = torch.from_numpy(x), torch.from_numpy(p)

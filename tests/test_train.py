@@ -15,9 +15,31 @@ from rtsort.train.export import export_encoder, export_linear
 from rtsort.train.model import SpikeEncoder
 
 
-def test_onnx_encoder_matches_torch_for_any_batch(tmp_path):
+def test_linear_path_is_the_snippets_principal_components_and_stays_fixed():
+    """[train] linear_path: the latent's fixed projection is the training snippets' leading principal components
+    (so the encoder starts from PCA's features), training leaves it as it was, and the Transformer's share of the
+    latent is reported."""
+    from rtsort.config import TrainConfig
+    from rtsort.train.fit import fit_autoencoder
+
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 20 * 4))
+    x = (rng.normal(size=(600, 3)) * [6.0, 3.0, 1.5]) @ basis + rng.normal(size=(600, 80)) * 0.3
+    x = x.reshape(600, 20, 4).astype(np.float32)
+    cfg = TrainConfig(latent_dim=3, epochs=2, max_snippets=600, batch_size=128, threads=1)
+    model, history = fit_autoencoder(x, np.zeros((600, 4, 2), np.float32), cfg, seed=0, progress=False)
+    w = model.encoder.linear.weight.detach().numpy().astype(np.float64)  # (3, 80)
+    assert not model.encoder.linear.weight.requires_grad
+    np.testing.assert_allclose(w @ w.T, np.eye(3), atol=1e-5)  # orthonormal rows
+    q = np.linalg.qr(basis.T)[0]  # the signal's subspace: the leading components span it
+    assert np.linalg.norm(w - (w @ q) @ q.T) / np.linalg.norm(w) < 0.05
+    assert 0.0 <= history["transformer_share"] <= 1.0
+
+
+@pytest.mark.parametrize("linear_path", [False, True])
+def test_onnx_encoder_matches_torch_for_any_batch(tmp_path, linear_path):
     torch.manual_seed(0)
-    enc = SpikeEncoder(48, 8, latent_dim=12, d_model=32, n_layers=2, n_heads=4).eval()
+    enc = SpikeEncoder(48, 8, latent_dim=12, d_model=32, n_layers=2, n_heads=4, linear_path=linear_path).eval()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 48, 8)).astype(np.float32) * 3
     p = rng.normal(size=(64, 8, 2)).astype(np.float32) * 30

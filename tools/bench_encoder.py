@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             train_cfg, k = cfg.train, cfg.snippets.n_channels
             torch.manual_seed(0)
             model = SpikeEncoder(48, k, train_cfg.latent_dim, train_cfg.d_model, train_cfg.n_layers,
-                                 train_cfg.n_heads).eval()
+                                 train_cfg.n_heads, linear_path=train_cfg.linear_path).eval()
             path = Path(tmp) / "e.onnx"
             export_encoder(model, path, np.random.default_rng(0).normal(size=(64, 48, k)).astype(np.float32),
                            np.zeros((64, k, 2), np.float32))

@@ -83,7 +83,14 @@ def fit_autoencoder(x: np.ndarray, positions: np.ndarray, cfg: TrainConfig, seed
     val, tr = order[:n_val], order[n_val:]
     X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     P = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.float32))
-    model = SpikeAutoencoder(t, k, cfg.latent_dim, cfg.d_model, cfg.n_layers, cfg.n_heads)
+    model = SpikeAutoencoder(t, k, cfg.latent_dim, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.linear_path)
+    if model.encoder.linear is not None:  # the training snippets' principal components, fixed
+        flat = x[tr].reshape(tr.size, -1).astype(np.float64)
+        components = np.linalg.svd(flat - flat.mean(axis=0), full_matrices=False)[2][:cfg.latent_dim]
+        with torch.no_grad():
+            model.encoder.linear.weight.zero_()
+            model.encoder.linear.weight[:components.shape[0]] = torch.from_numpy(components.astype(np.float32))
+        model.encoder.linear.weight.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     steps_per_epoch = max(1, int(np.ceil(tr.size / cfg.batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch)
@@ -130,6 +137,13 @@ def fit_autoencoder(x: np.ndarray, positions: np.ndarray, cfg: TrainConfig, seed
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    if model.encoder.linear is not None:
+        with torch.no_grad():  # how much of the latent the Transformer adds to the fixed projection
+            linear = model.encoder.linear(X[val].reshape(val.size, -1))
+            learnt = model.encoder(X[val], P[val]) - linear
+        history["transformer_share"] = float(learnt.var(0).sum() / (linear + learnt).var(0).sum())
+        log.info("latent: the Transformer's part holds %.1f %% of its variance (the rest: the fixed projection)",
+                 100 * history["transformer_share"])
     log.info("autoencoder: %d snippets, %d epochs (best %d, held-out reconstruction %.4f), %.1f s",
              n, history["epochs"], history["best_epoch"] + 1, best, history["seconds"])
     return model, history

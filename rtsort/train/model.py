@@ -7,6 +7,11 @@ tokens; the latent is a linear map of the flattened tokens (keeping which
 channel said what); an MLP decoder reconstructs the snippet. K tokens instead
 of one per sample keeps onnxruntime's cost per spike low (see
 tools/bench_encoder.py).
+
+With a linear path (``train.linear_path``) the latent is a fixed linear map
+of the flattened snippet (training sets it to the snippets' first principal
+components and freezes it) plus the Transformer's output, which then learns
+what that projection misses.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class SpikeEncoder(nn.Module):
     """(B, T, K) noise-unit snippets + (B, K, 2) relative positions (um) -> (B, D) latents."""
 
     def __init__(self, n_samples: int, n_channels: int, latent_dim: int = 24, d_model: int = 32,
-                 n_layers: int = 2, n_heads: int = 4, position_scale_um: float = 50.0):
+                 n_layers: int = 2, n_heads: int = 4, position_scale_um: float = 50.0, linear_path: bool = False):
         super().__init__()
         self.n_samples, self.n_channels, self.latent_dim = n_samples, n_channels, latent_dim
         self.position_scale_um = float(position_scale_um)
@@ -56,11 +61,15 @@ class SpikeEncoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(n_channels, d_model, n_heads, 2 * d_model) for _ in range(n_layers)])
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(n_channels * d_model, latent_dim)
+        self.linear = nn.Linear(n_samples * n_channels, latent_dim, bias=False) if linear_path else None
 
     def forward(self, waveforms: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(waveforms.transpose(1, 2)) + self.pos(positions / self.position_scale_um)
         tokens = self.norm(self.blocks(tokens))
-        return self.head(tokens.reshape(-1, self.n_channels * tokens.shape[-1]))
+        latent = self.head(tokens.reshape(-1, self.n_channels * tokens.shape[-1]))
+        if self.linear is not None:
+            latent = latent + self.linear(waveforms.reshape(-1, self.n_samples * self.n_channels))
+        return latent
 
 
 class SpikeDecoder(nn.Module):
@@ -78,9 +87,10 @@ class SpikeDecoder(nn.Module):
 
 class SpikeAutoencoder(nn.Module):
     def __init__(self, n_samples: int, n_channels: int, latent_dim: int = 24, d_model: int = 32,
-                 n_layers: int = 2, n_heads: int = 4):
+                 n_layers: int = 2, n_heads: int = 4, linear_path: bool = False):
         super().__init__()
-        self.encoder = SpikeEncoder(n_samples, n_channels, latent_dim, d_model, n_layers, n_heads)
+        self.encoder = SpikeEncoder(n_samples, n_channels, latent_dim, d_model, n_layers, n_heads,
+                                    linear_path=linear_path)
         self.decoder = SpikeDecoder(n_samples, n_channels, latent_dim)
         # contrastive projection head (SimCLR): the loss acts on it, the latent stays general
         self.project = nn.Sequential(nn.Linear(latent_dim, 64), nn.GELU(), nn.Linear(64, 32))
