@@ -479,8 +479,9 @@ class LatePhase:
         ev = np.zeros(2, EVENT_DTYPE)
         ev["sample_index"] = (0, self.hi)
         ev["amplitude"] = (-2.0 * LATE_PHASE_RATIO, -1.0)
-        one = np.ones(2, np.bool_)
-        LatePhase(self.positions, 30000.0, 1.0)(ev, np.full(2, 2.0), one, one)
+        for n in (2, 1):  # a chunk's fields are strided, unless it holds one event
+            one = np.ones(n, np.bool_)
+            LatePhase(self.positions, 30000.0, 1.0)(ev[:n], np.full(n, 2.0), one, one)
 
     def __call__(self, events: np.ndarray, residual: np.ndarray, keep: np.ndarray, spike: np.ndarray) -> np.ndarray:
         """(k,) bool: which of a chunk's ``events`` (in ``keep``, with their fit's ``residual``) are a late phase.

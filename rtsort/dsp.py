@@ -266,10 +266,14 @@ class Preprocessor:
         return out
 
     def warmup(self) -> None:
-        """Compile the kernel for int16, float32 and float64 input (on a scratch preprocessor)."""
+        """Compile the kernel for int16, float32 and float64 input, writable or read-only (a memory-mapped file, a
+        ZeroMQ frame), on a scratch preprocessor."""
         scratch = Preprocessor(self.cfg, self.sampling_rate, self.n_channels, self.gain, self.offset)
         for dt in (np.int16, np.float32, np.float64):
-            scratch.process(np.zeros((2, self.n_channels), dtype=dt))
+            for writable in (True, False):
+                chunk = np.zeros((2, self.n_channels), dtype=dt)
+                chunk.flags.writeable = writable
+                scratch.process(chunk)
 
 
 def preprocess_array(samples: np.ndarray, cfg: PreprocessConfig, sampling_rate: float,

@@ -338,6 +338,7 @@ class Peeler:
         a, s = np.zeros(1, np.float32), np.zeros(1, np.int64)
         _fits(xn, ch, np.zeros(1, np.int32), self.matcher.channel_index, self.matcher.templates, AMPLITUDE_RANGE[0],
               AMPLITUDE_RANGE[1], self.max_shift, a, s)
+        self.matcher.match(xn, ch, self.matcher.near_units[ch], np.zeros(1, np.int32))  # the second pass's labels
         _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
                   self.templates_uv)
         _clear(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, 1, True, np.zeros(1, np.bool_))
@@ -345,7 +346,7 @@ class Peeler:
         rows = np.zeros((1, self.templates_uv.shape[2]), np.float32)
         _match_filter(rows, rows, self._inv_noise, self._search_used, self._search_slot, self._search_nk,
                       self._search_tm, *self._search_tau, self._inv_norm, z)
-        _best_matches(z, 0, 0, 1, self._near, 1, np.inf, ch, ch)
+        _best_matches(z, 0, 0, 1, self._near, 1, np.float32(np.inf), ch, ch)  # the gate as the search passes it
 
     def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray,
                 label: bool = True):

@@ -171,8 +171,11 @@ class SnippetExtractor:
         """Compile the kernels without changing the state."""
         ring = np.zeros((4, self.n_channels), dtype=np.float32)
         chunk = np.zeros((2, self.n_channels), dtype=np.float32)
-        out = np.empty((1, self.n_samples, self.k_channels), dtype=np.float32)
-        _gather(ring, 3, chunk, 0, np.zeros(1, np.int64) + self.nbefore, self.channel_index[:1], self.nbefore, out)
+        out = np.empty((2, self.n_samples, self.k_channels), dtype=np.float32)
+        ev = np.zeros(2, EVENT_DTYPE)  # two: a one-element field would pass as contiguous
+        ev["sample_index"] = self.nbefore
+        for troughs in (ev["sample_index"], np.ascontiguousarray(ev["sample_index"])):  # a field, as process passes
+            _gather(ring, 3, chunk, 0, troughs, self.channel_index[:1][[0, 0]], self.nbefore, out)
         _store(ring, 3, chunk, 0, 1)
 
 

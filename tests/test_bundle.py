@@ -213,6 +213,32 @@ def test_runtime_never_imports_torch(small_sim, trained):
     assert res.returncode == 0, res.stderr + res.stdout
 
 
+def test_warmup_compiles_every_kernel_a_stream_uses(small_sim, trained):
+    """After Pipeline.warmup, a stream of read-only int16 chunks (a memory-mapped file; a ZeroMQ frame is read-only
+    too) and of float32 chunks compiles nothing more: a compilation mid-stream would stall it for a second."""
+    rec, _, _ = small_sim
+    code = (
+        "import importlib, numpy as np; from numba.core.registry import CPUDispatcher; "
+        "from rtsort.pipeline import Pipeline; from rtsort.io import open_recording; "
+        "mods = [importlib.import_module('rtsort.' + m) for m in "
+        "('peel', 'assign', 'detect', 'dsp', 'snippets', 'features', 'frontend', 'pipeline')]; "
+        "ks = {m.__name__ + '.' + n: getattr(m, n) for m in mods for n in dir(m) "
+        "if isinstance(getattr(m, n), CPUDispatcher)}; "
+        f"rec = open_recording({str(rec.source)!r}); "
+        f"pipe = Pipeline({str(trained[1])!r}, rec.gains_to_uV, rec.offsets_to_uV); pipe.warmup(); "
+        "before = {n: len(k.signatures) for n, k in ks.items()}; "
+        "raw = rec.get_traces(0, 60000); assert not raw.flags.writeable; n = 0; "
+        "[pipe.process(raw[i:i + 30]) for i in range(0, 30000, 30)]; "
+        "[pipe.process(raw[i:i + 30].astype(np.float32)) for i in range(30000, 60000, 30)]; "
+        "after = {n: len(k.signatures) for n, k in ks.items()}; "
+        "new = {n: after[n] - before[n] for n in ks if after[n] != before[n]}; "
+        "assert pipe.n_spikes > 0 and pipe.peeler.n_peeled > 0, (pipe.n_spikes, pipe.peeler.n_peeled); "
+        "print(new); assert not new"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr + res.stdout
+
+
 def test_featurizer_kernel_matches_numpy_reference(trained):
     """The compiled per-spike pass gives what the NumPy definitions give (noise units, positions, features)."""
     from rtsort.features import normalize_waveforms, spike_locations
