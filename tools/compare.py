@@ -9,9 +9,12 @@ comparison (0.4 ms): well-detected units (accuracy >= 0.8), mean accuracy,
 wall time (rtsort: train + sort).
 
     python tools/compare.py [--out compare_out] [--duration 60] [--sorters ...] [--recordings A B C]
-                            [--json FILE] [--reuse]
+                            [--seeds 0 1 2] [--json FILE] [--reuse]
 
 --reuse keeps results already in OUT/results.json (the peers take minutes).
+--seeds trains rtsort's rows with each training seed (default 0) and prints
+each seed's row and, with more than one, the spread: the Transformer's
+features depend on its random start, PCA's hardly.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ SORTERS = ("rtsort", "rtsort-pca", "tridesclous2", "spykingcircus2")
 def run_rtsort(folder: Path, features: str, seed: int = 0):
     rec = open_recording(folder / "recording.bin")
     cfg = Config.from_dict({"train": {"features": features}})
+    bundle = folder / (f"bundle_{features}" if seed == 0 else f"bundle_{features}_seed{seed}")
     t0 = time.perf_counter()
-    train_bundle(rec, folder / f"bundle_{features}", cfg, seed=seed, progress=False)
-    spikes, _ = sort_recording(rec, folder / f"bundle_{features}", progress=False)
+    train_bundle(rec, bundle, cfg, seed=seed, progress=False)
+    spikes, _ = sort_recording(rec, bundle, progress=False)
     return spikes["sample_index"], spikes["unit"], time.perf_counter() - t0
 
 
@@ -75,12 +79,20 @@ def run_peer(folder: Path, sorter: str):
     return np.concatenate(idx), np.concatenate(lab), dt
 
 
+def rows(sorter: str, seeds: list) -> list:
+    """(result name, training seed) of a sorter's rows: one per seed for rtsort's (seed 0 keeps the plain name)."""
+    if not sorter.startswith("rtsort"):
+        return [(sorter, 0)]
+    return [(sorter if seed == 0 else f"{sorter}@seed{seed}", seed) for seed in seeds]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("compare_out"))
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--recordings", nargs="+", default=list(RECORDINGS), choices=list(RECORDINGS))
     ap.add_argument("--sorters", nargs="+", default=list(SORTERS), choices=list(SORTERS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="rtsort's training seeds (default: 0)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--reuse", action="store_true", help="keep results already in OUT/results.json")
     args = ap.parse_args(argv)
@@ -97,28 +109,43 @@ def main(argv=None):
                      noise_uV=spec["noise_uV"], progress=False)
         truth = np.load(folder / "truth.npz")
         for sorter in args.sorters:
-            if f"{key}/{sorter}" in results:
-                continue
-            if sorter.startswith("rtsort"):
-                idx, lab, dt = run_rtsort(folder, "pca" if sorter == "rtsort-pca" else "transformer")
-            else:
-                idx, lab, dt = run_peer(folder, sorter)
-            rep = sorting_accuracy(idx, lab, truth["sample_index"], truth["unit"], float(truth["sampling_rate"]))
-            results[f"{key}/{sorter}"] = {**rep["summary"], "wall_s": dt, "recording": spec["label"],
-                                          "accuracy": [u["accuracy"] for u in rep["units"]]}
-            store.write_text(json.dumps(results, indent=1) + "\n")
-            s = results[f"{key}/{sorter}"]
-            print(f"{key} {sorter:<15s} well detected {s['well_detected']:>3d}/{s['n_true_units']:<3d} "
-                  f"mean accuracy {s['mean_accuracy']:.3f}  {dt:7.1f} s", flush=True)
+            for name, seed in rows(sorter, args.seeds):
+                if f"{key}/{name}" in results:
+                    continue
+                if sorter.startswith("rtsort"):
+                    idx, lab, dt = run_rtsort(folder, "pca" if sorter == "rtsort-pca" else "transformer", seed)
+                else:
+                    idx, lab, dt = run_peer(folder, sorter)
+                rep = sorting_accuracy(idx, lab, truth["sample_index"], truth["unit"], float(truth["sampling_rate"]))
+                results[f"{key}/{name}"] = {**rep["summary"], "wall_s": dt, "recording": spec["label"],
+                                            "accuracy": [u["accuracy"] for u in rep["units"]]}
+                store.write_text(json.dumps(results, indent=1) + "\n")
+                s = results[f"{key}/{name}"]
+                print(f"{key} {name:<22s} well detected {s['well_detected']:>3d}/{s['n_true_units']:<3d} "
+                      f"mean accuracy {s['mean_accuracy']:.3f}  {dt:7.1f} s", flush=True)
     print()
     print("| recording | sorter | well detected | mean accuracy | wall time |")
     print("|---|---|---:|---:|---:|")
     for key in args.recordings:
         for sorter in args.sorters:
-            s = results.get(f"{key}/{sorter}")
-            if s:
-                print(f"| {key}: {s['recording']} | {sorter} | {s['well_detected']} / {s['n_true_units']} | "
-                      f"{s['mean_accuracy']:.3f} | {s['wall_s']:.0f} s |")
+            for name, _ in rows(sorter, args.seeds):
+                s = results.get(f"{key}/{name}")
+                if s:
+                    print(f"| {key}: {s['recording']} | {name} | {s['well_detected']} / {s['n_true_units']} | "
+                          f"{s['mean_accuracy']:.3f} | {s['wall_s']:.0f} s |")
+    if len(args.seeds) > 1:
+        print()
+        print("| recording | sorter | well detected per seed | mean | mean accuracy per seed |")
+        print("|---|---|---|---:|---|")
+        for key in args.recordings:
+            for sorter in (x for x in args.sorters if x.startswith("rtsort")):
+                got = [results.get(f"{key}/{name}") for name, _ in rows(sorter, args.seeds)]
+                if all(got):
+                    well = " / ".join(str(g["well_detected"]) for g in got)
+                    seeds = " / ".join(map(str, args.seeds))
+                    mean = np.mean([g["well_detected"] for g in got])
+                    acc = " / ".join(f"{g['mean_accuracy']:.3f}" for g in got)
+                    print(f"| {key} | {sorter} | {well} (seeds {seeds}) | {mean:.1f} | {acc} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 
