@@ -242,7 +242,7 @@ class AssignConfig:
     # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
     amplitude_prior: float = 1.0
     # an event whose best fit leaves more than this mean squared residual per sample (noise units) and that lies
-    # 0.5-1.5 ms after an event within 100 um twice as deep is that spike's late phase, dropped as a tail (0: never)
+    # 0.5-1.5 ms after a spike within 100 um twice as deep is that spike's late phase, dropped as a tail (0: never)
     late_phase_residual: float = 3.0
     # subtract every labelled spike's template and look again for spikes it hid (collisions; rtsort.peel)
     peel: bool = True

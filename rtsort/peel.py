@@ -374,13 +374,8 @@ class Peeler:
             new["unit"] = units
             new["scale"] = scale
             self._pending = np.concatenate([self._pending, new])
-        if spikes.size or tails.size:
-            known = np.zeros((spikes.size + tails.size, 4), np.int64)
-            known[:, 0] = np.concatenate([spikes["sample_index"], tails["sample_index"]])
-            known[:, 1] = np.concatenate([spikes["channel"], tails["channel"]])
-            known[: spikes.size, 2] = spikes["unit"]
-            known[spikes.size :, 2] = TAIL
-            self._recent = np.concatenate([self._recent, known])
+        self._remember(spikes, spikes["unit"], _FIRST_PASS)
+        self._remember(tails, TAIL, _FIRST_PASS)
         final = max(self._start, end - self.delay)
         k = final - self._start
         if k == 0:
@@ -399,10 +394,10 @@ class Peeler:
         events = self.detector.process(residual)
         ev, wf, _ = self.snippets.process(residual, first, events)
         ev, unit = self._label(ev, wf) if label and ev.size else (ev[:0], _NO_UNITS)
-        self._remember(ev, unit)
+        self._remember(ev, unit, _LATER)
         if self.search:
             mev, munit = self._search(residual, final, label)
-            self._remember(mev, munit)
+            self._remember(mev, munit, _LATER)
             if mev.size:
                 ev, unit = np.concatenate([ev, mev]), np.concatenate([unit, munit])
             self.n_matched += mev.size
@@ -414,14 +409,15 @@ class Peeler:
         self.n_peeled += ev.size
         return ev, unit
 
-    def _remember(self, ev: np.ndarray, unit: np.ndarray) -> None:
-        """Peeled spikes and matches become known events for the search (the second pass looks at the first's)."""
+    def _remember(self, ev: np.ndarray, unit, source: int) -> None:
+        """Events (spikes or tails; ``unit`` per event, or one for all) become known to the rules: ``source``
+        _FIRST_PASS for the second pass's, _LATER (peeled spikes, matches) for the search's only."""
         if ev.size:
             known = np.empty((ev.size, 4), np.int64)
             known[:, 0] = ev["sample_index"]
             known[:, 1] = ev["channel"]
             known[:, 2] = unit
-            known[:, 3] = _LATER
+            known[:, 3] = source
             self._recent = np.concatenate([self._recent, known])
 
     def _search(self, residual: np.ndarray, final: int, label: bool):

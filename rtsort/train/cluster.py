@@ -259,13 +259,12 @@ def drift_merges(units: np.ndarray, locations: np.ndarray, peak_waveforms: np.nd
             log.info("units %d and %d are one drifting neuron (%.0f um apart, waveform cosine %.2f, "
                      "count correlation %.2f): joined", a, b, np.linalg.norm(loc[a] - loc[b]),
                      float(wf[a] @ wf[b]), corr[a, b])
-    time_bin = np.minimum(((times_s - edges[0]) / cfg.drift_bin_s).astype(np.int64), edges.size - 2)
-    motion = motion_trace(units, locations[:, 1], time_bin, edges.size - 1, n) if pieces else np.zeros(1)
-    moved = float(np.ptp(motion))
     if pieces:
-        log.info("the probe moved %.1f um over the recording (the units' median depth per %.0f s)", moved,
-                 cfg.drift_bin_s)
-    if moved >= MIN_MOTION_UM:
+        time_bin = np.minimum(((times_s - edges[0]) / cfg.drift_bin_s).astype(np.int64), edges.size - 2)
+        motion = motion_trace(units, locations[:, 1], time_bin, edges.size - 1, n)
+        log.info("the probe moved %.1f um over the recording (the units' median depth per %.0f s)",
+                 np.ptp(motion), cfg.drift_bin_s)
+    if pieces and np.ptp(motion) >= MIN_MOTION_UM:
         candidates = near & alike
         np.fill_diagonal(candidates, False)
         for b, a, d in locked_pieces(units, time_bin, motion, candidates):

@@ -117,13 +117,14 @@ def late_events(events, waveforms, features, labels, others, fe, assigner, confi
     """Which of a recording's emitted events the runtime drops as a bigger spike's late phase
     (``rtsort.assign.LatePhase``, in one call: it gives what chunk after chunk gives). ``others``: the spikes
     that did not leave (tails), which may be the bigger spike too."""
+    if config.assign.late_phase_residual <= 0:
+        return np.zeros(events.size, bool)
     deep = fe.spike_mask(events)
     residual = np.empty(events.size)
-    if config.assign.late_phase_residual > 0:
-        for i in range(0, events.size, ENCODE_BATCH):  # the fits' residuals, a batch of snippets at a time
-            b = slice(i, i + ENCODE_BATCH)
-            xn = normalize_waveforms(waveforms[b], events["channel"][b], fe.snippets.channel_index, fe.noise_levels[1])
-            assigner.label(features[b][deep[b]], xn, events["channel"][b], deep[b], residual[b])
+    for i in range(0, events.size, ENCODE_BATCH):  # the fits' residuals, a batch of snippets at a time
+        b = slice(i, i + ENCODE_BATCH)
+        xn = normalize_waveforms(waveforms[b], events["channel"][b], fe.snippets.channel_index, fe.noise_levels[1])
+        assigner.label(features[b][deep[b]], xn, events["channel"][b], deep[b], residual[b])
     every = np.concatenate([events, others])
     n = others.size
     return late_phase(fe, config.assign.late_phase_residual)(
