@@ -550,3 +550,31 @@ def test_search_finds_spikes_under_the_detector_thresholds(small_sim):
     quiet = np.random.default_rng(9).normal(size=(n, rec.n_channels)).astype(np.float32) * noise_uV
     _, ev_noise, _, _ = run(True, quiet, 3000)
     assert ev_noise.size <= 0.02 * times.size, ev_noise.size  # in noise alone: next to nothing
+
+
+def test_search_quiet_window_rules_out_only_a_bigger_spikes_late_phase():
+    """A match is ruled out by any known spike nearby up to LATE_PHASE_SAMPLES[0] before it (what a subtraction
+    left) or QUIET_AFTER after it; from there to QUIET_BEFORE before it, only by a spike LATE_PHASE_RATIO x deeper
+    (whose late phase, past its template's end, is still in the residual), and never by one farther than
+    QUIET_UM."""
+    from rtsort.assign import LATE_PHASE_RATIO, LATE_PHASE_SAMPLES
+    from rtsort.peel import QUIET_AFTER, QUIET_BEFORE, QUIET_UM, _clear, _size
+
+    positions = np.array([[0.0, 0.0], [0.0, 20.0], [0.0, QUIET_UM + 50.0]])
+    late = LATE_PHASE_SAMPLES[0]
+
+    def kept(dt, depth_uv, channel=1, match_uv=30.0):
+        out = np.empty(1, np.bool_)
+        one = np.ones(1, np.int64)
+        _clear(1000 * one, 0 * one, one, _size([match_uv]), np.array([1000 + dt]), channel * one, 0 * one,
+               _size([depth_uv]), positions, QUIET_BEFORE, QUIET_AFTER, QUIET_UM, 45, QUIET_AFTER, late,
+               LATE_PHASE_RATIO, True, out)
+        return bool(out[0])
+
+    bigger, alike = 30.0 * LATE_PHASE_RATIO, 30.0 * LATE_PHASE_RATIO * 0.9
+    assert not kept(-late - 5, bigger)  # a bigger spike's late phase
+    assert kept(-late - 5, alike)  # a spike of about its size: a neighbour's, not its late phase
+    assert not kept(-QUIET_BEFORE, bigger) and kept(-QUIET_BEFORE - 1, bigger)
+    assert not kept(-late, alike) and not kept(-2, alike)  # what a subtraction left
+    assert not kept(QUIET_AFTER, alike) and kept(QUIET_AFTER + 1, alike)
+    assert kept(-late - 5, 10 * bigger, channel=2)  # too far to matter
