@@ -273,14 +273,18 @@ class TemplateMatcher:
     def n_samples(self) -> int:
         return self.templates.shape[1]
 
-    def match(self, xn: np.ndarray, channels: np.ndarray, candidates: np.ndarray, unit: np.ndarray) -> np.ndarray:
-        """Overwrite ``unit`` (k,) int32 in place with the best-fitting candidate (or -1); return the gains (k,)."""
+    def match(self, xn: np.ndarray, channels: np.ndarray, candidates: np.ndarray, unit: np.ndarray,
+              gates: bool = True) -> np.ndarray:
+        """Overwrite ``unit`` (k,) int32 in place with the best-fitting candidate (or -1; a unit < 0 on entry
+        stays); return the gains (k,). Without ``gates`` only the residual limit judges the fit (the matched
+        filter and scale gates are the caller's)."""
         gain = np.empty(unit.shape[0], np.float64)
         if unit.shape[0]:
             _match(np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                    self.channel_index, self.templates, np.ascontiguousarray(candidates, dtype=np.int32),
-                   AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.amplitude_prior, self.max_shift, self.min_snr,
-                   self.min_scale, self.max_residual, unit, gain)
+                   AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.amplitude_prior, self.max_shift,
+                   self.min_snr if gates else -np.inf, self.min_scale if gates else -np.inf, self.max_residual,
+                   unit, gain)
         return gain
 
 

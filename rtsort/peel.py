@@ -18,14 +18,16 @@ weak for the detector's channel-by-channel thresholds: every unit's template
 (on its own channels) runs over it as a matched filter, and a match leaves
 when its matched filter reaches ``assign.template_min_snr`` at a scale of at
 least ``assign.template_min_scale``, is the best of every unit within
-``SEARCH_COMPETE_UM`` over ``SEARCH_PEAK_SAMPLES`` either side, and no known
-spike (first pass, peeled, or matched before) lies within ``QUIET_UM`` from
-``LATE_PHASE_SAMPLES[0]`` samples before it to ``QUIET_AFTER`` after (what a
-subtraction left), nor a spike ``LATE_PHASE_RATIO`` x deeper than the match
-from ``QUIET_BEFORE`` samples before it on (the late phase of a bigger spike,
-past its template's end, is still in the residual; the first pass's
-:class:`rtsort.assign.LatePhase` uses the same window and ratio). Its
-``kind`` is MATCH. Units whose template at scale
+``SEARCH_COMPETE_UM`` over ``SEARCH_PEAK_SAMPLES`` either side, no known
+event (first pass, peeled, matched before, or a tail) lies within
+``DUPLICATE_SAMPLES`` and ``DUPLICATE_UM`` of it (the same event seen
+again), its unit has no known spike from ``REFRACTORY_SAMPLES`` before it
+to ``QUIET_AFTER`` after, and its
+template's fit to the residual leaves at most the candidates' residual
+(``assign.candidate_max_residual``): what a subtraction left, or the late
+phase of a spike past its template's end, correlates with a small
+template but is not explained by it, while a spike that collided with
+a known one is. Its ``kind`` is MATCH. Units whose template at scale
 ``template_min_scale`` is still ``detect.amp_threshold`` deep are not
 searched: the detector always finds their spikes.
 
@@ -45,7 +47,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 
-from .assign import AMPLITUDE_RANGE, LATE_PHASE_RATIO, LATE_PHASE_SAMPLES, padded_rows, shifted_fit
+from .assign import AMPLITUDE_RANGE, padded_rows, shifted_fit
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
@@ -58,14 +60,11 @@ _NO_UNITS = np.zeros(0, np.int32)
 _PENDING = np.dtype([("start", np.int64), ("unit", np.int32), ("scale", np.float32)])
 REFRACTORY_SAMPLES = 45  # 1.5 ms at 30 kHz: a unit does not fire twice this close (scaled to the sampling rate)
 # the search (samples at 30 kHz, scaled to the sampling rate): a match is the best within SEARCH_PEAK_SAMPLES of
-# every unit whose peak channel lies within SEARCH_COMPETE_UM, and no known spike within QUIET_UM lies from
-# LATE_PHASE_SAMPLES[0] samples before it to QUIET_AFTER after, nor a bigger spike from QUIET_BEFORE before it
-# (measured on tools/compare.py's recordings)
+# every unit whose peak channel lies within SEARCH_COMPETE_UM, and its unit has no known spike from
+# REFRACTORY_SAMPLES before it to QUIET_AFTER after (measured on tools/compare.py's recordings)
 SEARCH_PEAK_SAMPLES = 20
 SEARCH_COMPETE_UM = 60.0
 SEARCH_ENERGY = 0.97  # the share of a template's energy the matched filter keeps (channels, then samples)
-QUIET_UM = 100.0
-QUIET_BEFORE = 45
 QUIET_AFTER = 10
 _FIRST_PASS, _LATER = 0, 1  # where a known spike came from (the second pass's rules look at the first pass's only)
 _TILE = 256  # window starts per block of the matched filter
@@ -180,48 +179,40 @@ def _best_matches(z, z0, d0, d1, near, half, gate, out_t, out_u):
     return n
 
 
-def _size(amplitude) -> np.ndarray:
-    """A spike's depth as the rules compare it: |amplitude| in 1/64 uV (int64, a column of the known spikes)."""
-    return np.round(np.abs(np.asarray(amplitude, dtype=np.float64)) * 64.0).astype(np.int64)
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
-def _clash(dt, same_unit, d2, near_before, near_after, near_um, same_before, same_after, late, deeper):
+def _clash(dt, same_unit, d2, near_before, near_after, near_um, same_before, same_after):
     """A known spike ``dt`` samples after a new one (``d2``: squared distance in um) rules it out: the same unit
     from ``same_before`` samples before to ``same_after`` after, or any unit within ``near_um`` from
-    ``near_before`` before to ``near_after`` after; from ``late`` samples before on, only when ``deeper`` (a
-    bigger spike, whose late phase it may be)."""
+    ``near_before`` before to ``near_after`` after."""
     if same_unit and -same_before <= dt <= same_after:
         return True
-    return -near_before <= dt <= near_after and d2 <= near_um * near_um and (dt >= -late or deeper)
+    return -near_before <= dt <= near_after and d2 <= near_um * near_um
 
 
 @numba.njit(cache=True, nogil=True)
-def _clear(samples, channels, units, sizes, r_samples, r_channels, r_units, r_sizes, positions, near_before,
-           near_after, near_um, same_before, same_after, late, ratio, sequential, out):
-    """out[i]: no known spike (``r_*``, sorted by sample; ``r_sizes`` their depths) rules spike i out
-    (:func:`_clash`; a spike ``ratio`` x deeper than ``sizes[i]`` is a bigger one); with ``sequential``, nor does
-    any spike kept before it (``samples`` in time order)."""
+def _clear(samples, channels, units, r_samples, r_channels, r_units, positions, near_before, near_after, near_um,
+           same_before, same_after, sequential, out):
+    """out[i] (in: spike i is still in): no known spike (``r_*``, sorted by sample) rules spike i out
+    (:func:`_clash`); with ``sequential``, nor does any spike kept before it (``samples`` in time order)."""
     lo = max(near_before, same_before)
     hi = max(near_after, same_after)
     for i in range(samples.shape[0]):
         s = samples[i]
         px = positions[channels[i], 0]
         py = positions[channels[i], 1]
-        deeper = ratio * sizes[i]
-        ok = True
+        ok = out[i]
         j = np.searchsorted(r_samples, s - lo)
         while ok and j < r_samples.shape[0] and r_samples[j] <= s + hi:
             d2 = (positions[r_channels[j], 0] - px) ** 2 + (positions[r_channels[j], 1] - py) ** 2
             ok = not _clash(r_samples[j] - s, r_units[j] == units[i], d2, near_before, near_after, near_um,
-                            same_before, same_after, late, r_sizes[j] >= deeper)
+                            same_before, same_after)
             j += 1
         q = 0
         while sequential and ok and q < i:
             if out[q]:
                 d2 = (positions[channels[q], 0] - px) ** 2 + (positions[channels[q], 1] - py) ** 2
                 ok = not _clash(samples[q] - s, units[q] == units[i], d2, near_before, near_after, near_um,
-                                same_before, same_after, late, sizes[q] >= deeper)
+                                same_before, same_after)
             q += 1
         out[i] = ok
 
@@ -271,10 +262,7 @@ class Peeler:
             return max(1, int(round(n * front.sampling_rate / 30000.0)))
 
         self.peak_half = samples(SEARCH_PEAK_SAMPLES)
-        self.quiet_before = samples(QUIET_BEFORE)
         self.quiet_after = samples(QUIET_AFTER)
-        # from this many samples before a match on, only a bigger spike's late phase rules it out
-        self.late = samples(LATE_PHASE_SAMPLES[0])
         tm = matcher.templates  # (U, T, C), noise units
         # a unit whose template at the smallest scale a match may have is still amp_threshold deep is always the
         # detector's spike: only the others can hide under its thresholds, and only they are searched
@@ -338,10 +326,11 @@ class Peeler:
         self._start = int(first_sample)  # the first sample not yet handed to the second pass
         self._pending = np.zeros(0, _PENDING)  # labelled spikes whose template still reaches unreleased samples
         # spikes still near the residual: (sample, channel, unit, _FIRST_PASS or _LATER)
-        self._recent = np.zeros((0, 5), np.int64)
+        self._recent = np.zeros((0, 4), np.int64)
         self._head = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _z_next on
         self._z = np.zeros((self._search_units.size, 0), np.float32)  # the matched filters from _z_start on
         self._z_start = self._z_next = self._d_next = int(first_sample)
+        self._hist = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _d_next on
 
     def warmup(self) -> None:
         self.detector.warmup()
@@ -355,7 +344,7 @@ class Peeler:
         self.matcher.match(xn, ch, self.matcher.near_units[ch], np.zeros(1, np.int32))  # the second pass's labels
         _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
                   self.templates_uv)
-        _clear(ch, ch, ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, 1, 1, 2.0, True, np.zeros(1, np.bool_))
+        _clear(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, 1, True, np.zeros(1, np.bool_))
         z = np.zeros((self._search_tm.shape[0], 1), np.float32)
         rows = np.zeros((1, self.templates_uv.shape[2]), np.float32)
         _match_filter(rows, rows, self._inv_noise, self._search_used, self._search_slot, self._search_nk,
@@ -418,7 +407,7 @@ class Peeler:
         # spikes that no peeled spike or match still to come can sit near are forgotten
         horizon = final - self.snippets.max_wait - self.refractory - 1
         if self.search:
-            horizon = min(horizon, self._d_next + self.nbefore - max(self.quiet_before, self.refractory) - 1)
+            horizon = min(horizon, self._d_next + self.nbefore - self.refractory - 1)
         self._recent = self._recent[self._recent[:, 0] >= horizon]
         self.n_peeled += ev.size
         return ev, unit
@@ -427,12 +416,11 @@ class Peeler:
         """Events (spikes or tails; ``unit`` per event, or one for all) become known to the rules: ``source``
         _FIRST_PASS for the second pass's, _LATER (peeled spikes, matches) for the search's only."""
         if ev.size:
-            known = np.empty((ev.size, 5), np.int64)
+            known = np.empty((ev.size, 4), np.int64)
             known[:, 0] = ev["sample_index"]
             known[:, 1] = ev["channel"]
             known[:, 2] = unit
             known[:, 3] = source
-            known[:, 4] = _size(ev["amplitude"])
             self._recent = np.concatenate([self._recent, known])
 
     def _search(self, residual: np.ndarray, final: int, label: bool):
@@ -443,6 +431,7 @@ class Peeler:
         behind ``final``, so every chunking decides the same matches.
         """
         t_len = self._search_tm.shape[1]
+        hist = np.concatenate([self._hist, residual])  # the residual from _d_next (the first undecided window) on
         z_hi = final - t_len + 1  # the last window start whose samples are all final, plus one
         m = z_hi - self._z_next
         if m > 0:
@@ -465,8 +454,10 @@ class Peeler:
             self._head = np.concatenate([self._head[self._head.shape[0] - (keep - residual.shape[0]) :], residual])
         d_lo, d_hi = self._d_next, final - self._search_lag
         if d_hi <= d_lo:
+            self._hist = hist
             return _NO_EVENTS, _NO_UNITS
         self._d_next = d_hi
+        self._hist = hist[d_hi - d_lo :]
         n_u = self._z.shape[0]
         n = 0
         if label and n_u:
@@ -490,16 +481,22 @@ class Peeler:
         samples = t + self.nbefore
         channels = self._peak[u]
         u = self._search_units[u]  # the searched units' numbers
-        amplitude = scale * self.templates_uv[u, self.nbefore, channels]
+        # the candidates' residual rule, on the residual's snippet at the match (the matched filter was the gate)
+        cix = self.matcher.channel_index[channels]  # (k, K)
+        rows = (t - d_lo)[:, None, None] + np.arange(t_len)[None, :, None]
+        xn = hist[rows, cix[:, None, :]] * self._inv_noise[cix][:, None, :]
+        fit = np.zeros(t.size, np.int32)
+        self.matcher.match(xn, channels, u[:, None].astype(np.int32), fit, gates=False)
         r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
-        keep = np.empty(t.size, np.bool_)
-        _clear(samples, channels, u, _size(amplitude), *(np.ascontiguousarray(r[:, i]) for i in (0, 1, 2, 4)),
-               self.positions, self.quiet_before, self.quiet_after, QUIET_UM, self.refractory, self.quiet_after,
-               self.late, LATE_PHASE_RATIO, True, keep)
+        keep = fit >= 0
+        # a known event in the same place (a tail, what a subtraction left) or its own unit's spike rules it out
+        _clear(samples, channels, u, np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]),
+               np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES, DUPLICATE_SAMPLES, DUPLICATE_UM,
+               self.refractory, self.quiet_after, True, keep)
         ev = np.zeros(int(keep.sum()), EVENT_DTYPE)
         ev["sample_index"] = samples[keep]
         ev["channel"] = channels[keep]
-        ev["amplitude"] = amplitude[keep]
+        ev["amplitude"] = scale[keep] * self.templates_uv[u[keep], self.nbefore, channels[keep]]
         ev["kind"] = MATCH
         return ev, u[keep].astype(np.int32)
 
@@ -525,9 +522,9 @@ class Peeler:
         """
         r = self._recent[self._recent[:, 3] == _FIRST_PASS]
         r = r[np.argsort(r[:, 0], kind="stable")]
-        out = np.empty(samples.size, np.bool_)
-        near = min(DUPLICATE_SAMPLES, self._ahead)
-        _clear(samples, channels, units.astype(np.int64), np.zeros(samples.size, np.int64),
-               *(np.ascontiguousarray(r[:, i]) for i in (0, 1, 2, 4)), self.positions, DUPLICATE_SAMPLES, near,
-               DUPLICATE_UM, self.refractory, min(self.refractory, self._ahead), DUPLICATE_SAMPLES, 0.0, False, out)
+        out = np.ones(samples.size, np.bool_)
+        _clear(samples, channels, units.astype(np.int64), np.ascontiguousarray(r[:, 0]),
+               np.ascontiguousarray(r[:, 1]), np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES,
+               min(DUPLICATE_SAMPLES, self._ahead), DUPLICATE_UM, self.refractory, min(self.refractory, self._ahead),
+               False, out)
         return out
