@@ -246,8 +246,11 @@ class AssignConfig:
     late_phase_residual: float = 3.0
     # subtract every labelled spike's template and look again for spikes it hid (collisions; rtsort.peel)
     peel: bool = True
+    # with peel: the bundle's templates reach this far after the trough (ms; training; at least snippets.ms_after),
+    # so what peeling subtracts holds a spike's late phase too, not only the snippet's span
+    subtract_ms_after: float = 2.2
     # with peel: also run every unit's template over the residual as a matched filter and take the spikes it finds
-    # where no known spike is near (weak spikes the detector's channel-by-channel thresholds missed; rtsort.peel)
+    # that its template explains (weak spikes the detector's channel-by-channel thresholds missed; rtsort.peel)
     search: bool = True
 
     def __post_init__(self):
@@ -258,6 +261,7 @@ class AssignConfig:
         _check_positive("assign.candidate_max_residual", self.candidate_max_residual, allow_zero=True)
         _check_positive("assign.amplitude_prior", self.amplitude_prior, allow_zero=True)
         _check_positive("assign.late_phase_residual", self.late_phase_residual, allow_zero=True)
+        _check_positive("assign.subtract_ms_after", self.subtract_ms_after, allow_zero=True)
 
 
 @dataclass(frozen=True)

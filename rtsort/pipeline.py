@@ -93,10 +93,12 @@ class Pipeline:
         self.front = FrontEnd(b.config, b.probe, b.sampling_rate, gains_to_uV, offsets_to_uV,
                               noise_levels=b.noise_levels)
         self.featurizer = make_featurizer(b, self.front, threads)
-        if b.templates.shape[1] != self.front.snippets.n_samples:
-            raise BundleError(f"{b.path}: templates have {b.templates.shape[1]} samples, the bundle's snippets "
-                              f"{self.front.snippets.n_samples}")
-        self.assigner = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates,
+        n = self.front.snippets.n_samples
+        if b.templates.shape[1] < n:
+            raise BundleError(f"{b.path}: templates have {b.templates.shape[1]} samples, fewer than the bundle's "
+                              f"snippets ({n})")
+        # the fits see the snippet's span; peeling subtracts the whole template (the late phase too)
+        self.assigner = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates[:, :n],
                                       b.noise_levels[1], self.front.snippets.channel_index, b.config.assign,
                                       track_rate)
         self.peeler = Peeler(self.front, b.templates, self.assigner.matcher) \

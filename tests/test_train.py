@@ -123,6 +123,32 @@ def test_sort_gives_the_training_labels_for_any_chunking(small_sim, trained):
     assert np.isin(key(first), key(a)).all() and a.size > first.size  # peeling only adds
 
 
+def test_templates_reach_the_late_phase(small_sim, trained):
+    """The bundle's templates reach assign.subtract_ms_after past the trough: the snippet's span is the fit's
+    template, and past it each unit's mean filtered signal at its training spikes, on its template's channels
+    (what peeling subtracts)."""
+    from rtsort.bundle import load_bundle
+    from rtsort.frontend import FrontEnd
+
+    rec, _, _ = small_sim
+    result, path = trained
+    b = load_bundle(path)
+    fe = FrontEnd.for_recording(b.config, rec, b.noise_levels)
+    nb, t_len = fe.snippets.nbefore, fe.snippets.n_samples
+    length = nb + int(round(b.config.assign.subtract_ms_after * rec.sampling_rate / 1000.0)) + 1
+    assert b.templates.shape[1] == length > t_len
+    f = fe.preprocessor.process(rec.get_traces(0, rec.n_samples)).copy()
+    tails = b.templates[:, t_len:]
+    assert np.abs(tails).max() > 0.1 * np.abs(b.templates).max()  # a late phase is there to subtract
+    for u in range(b.n_units):
+        s = result.spikes["sample_index"][result.spikes["unit"] == u]
+        s = s[s - nb + length <= f.shape[0]]
+        mean = f[(s - nb)[:, None] + np.arange(t_len, length)[None, :]].mean(axis=0)
+        on = np.abs(b.templates[u, :t_len]).max(axis=0) > 0
+        np.testing.assert_allclose(tails[u][:, on], mean[:, on], atol=1e-3)
+        assert not tails[u][:, ~on].any()
+
+
 @pytest.mark.parametrize("features", ["transformer", "pca"])
 def test_training_is_deterministic(small_sim, tmp_path, features):
     rec, _, _ = small_sim

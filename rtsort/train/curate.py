@@ -27,7 +27,7 @@ from ..io.phy import manifest_digest, read_curation
 from ..pipeline import make_featurizer, spikes_kept
 from ..types import TAIL
 from .cluster import centroids_and_radii, label_spikes
-from .train import emitted_snippets, encode_all, late_events, unit_table
+from .train import emitted_snippets, encode_all, late_events, late_templates, unit_table
 
 log = logging.getLogger("rtsort.train")
 
@@ -58,8 +58,8 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     fe = FrontEnd.for_recording(b.config, recording, b.noise_levels)
     ci = fe.snippets.channel_index
     featurizer = make_featurizer(b, fe)
-    exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius, b.templates, b.noise_levels[1], ci,
-                             b.config.assign, 0.0)
+    exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius,
+                             b.templates[:, :fe.snippets.n_samples], b.noise_levels[1], ci, b.config.assign, 0.0)
     events, waveforms, _ = emitted_snippets(recording, b.config, b.noise_levels, exported, featurizer, progress,
                                             "exported spikes")
     order = np.lexsort((events["channel"], events["sample_index"]))  # the spikes file's order
@@ -100,6 +100,8 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     now &= ~late_events(events, waveforms, features, labels, events[:0], fe, curated, b.config)
     units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
                           b.noise_levels, recording, 0)
+    templates = late_templates(recording, b.config, b.noise_levels, events[now], labels[now], templates,
+                               fe.snippets.nbefore, progress)
     for row, c in zip(units, kept):
         row["phy_cluster"] = int(c)
         row["phy_group"] = groups.get(int(c), "unsorted")

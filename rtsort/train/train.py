@@ -23,7 +23,7 @@ from ..bundle import save_bundle
 from ..config import Config
 from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
-from ..frontend import snippets_recording
+from ..frontend import FrontEnd, filtered_chunks, snippets_recording
 from ..pipeline import late_phase, labelled, spikes_kept
 from ..types import TAIL
 from .cluster import cluster, drift_merges, label_spikes, tail_units, templates_on_probe
@@ -33,6 +33,7 @@ log = logging.getLogger("rtsort.train")
 
 MIN_SPIKES = 100
 ENCODE_BATCH = 4096
+TAIL_BATCH = 512  # late_templates sums this many spikes' tails at a time
 
 
 @dataclass
@@ -59,6 +60,53 @@ def encode_all(featurizer: Featurizer, waveforms: np.ndarray, channels: np.ndarr
         lat.append(a)
         loc.append(b)
     return np.concatenate(lat), np.concatenate(loc)
+
+
+def late_templates(recording, config: Config, noise: np.ndarray, events, labels, templates: np.ndarray,
+                   n_before: int, progress: bool = True) -> np.ndarray:
+    """``templates`` (units, T, C) in uV extended to ``assign.subtract_ms_after`` after the trough: each unit's
+    mean of the filtered recording past the snippet's end, at its labelled events, on its template's channels.
+
+    A spike's late phase (its repolarisation, a millisecond or more) outlasts the snippet; peeling subtracts
+    the whole template, so the residual the search looks at no longer holds it. One more pass over the
+    recording through the runtime's preprocessor.
+    """
+    fs = recording.sampling_rate
+    n_units, t_len, n_ch = templates.shape
+    length = max(t_len, n_before + int(round(config.assign.subtract_ms_after * fs / 1000.0)) + 1)
+    if length == t_len or n_units == 0 or not config.assign.peel:
+        return templates
+    m = labels >= 0
+    order = np.argsort(events["sample_index"][m], kind="stable")
+    start = (events["sample_index"][m] - n_before + t_len)[order]  # where each tail starts (sorted)
+    unit = labels[m][order].astype(np.int64)
+    extra = length - t_len
+    sums = np.zeros((n_units, extra, n_ch), np.float64)
+    counts = np.bincount(unit, minlength=n_units)
+    pre = FrontEnd.for_recording(config, recording, noise_levels=noise, snippets=False).preprocessor
+    chunk = int(fs)
+    carry = np.zeros((0, n_ch), np.float32)
+    first, done = 0, 0  # the absolute sample of carry's first row; the tails added so far
+    with tqdm(total=recording.n_samples, desc="templates", unit="sample", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for n, filtered in filtered_chunks(pre, recording, chunk):
+            buf = np.concatenate([carry, filtered])
+            end = first + buf.shape[0]
+            ready = done + int(np.searchsorted(start[done:], end - extra, side="right"))
+            for i in range(done, ready, TAIL_BATCH):  # the tails now wholly in buf (later ones start after carry)
+                j = min(i + TAIL_BATCH, ready)
+                windows = buf[(start[i:j] - first)[:, None] + np.arange(extra)[None, :]].reshape(j - i, -1)
+                onehot = np.zeros((n_units, j - i), np.float32)
+                onehot[unit[i:j], np.arange(j - i)] = 1.0
+                sums += (onehot @ windows).reshape(sums.shape)
+            done = ready
+            carry = buf[-extra:].copy() if buf.shape[0] > extra else buf.copy()
+            first = end - carry.shape[0]
+            bar.update(n)
+    counts -= np.bincount(unit[done:], minlength=n_units)  # tails past the recording's end
+    tail = (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+    tail[np.abs(templates).max(axis=1)[:, None, :].repeat(extra, axis=1) == 0] = 0.0  # the template's channels
+    return np.concatenate([templates, tail], axis=1)
 
 
 def unit_table(labels, n_units: int, events, waveforms, channel_index, features, loc, noise, recording, seed: int):
@@ -235,6 +283,9 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         units, _ = unit_table(labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
                               recording, seed)
         spikes = labelled(events, labels, np.zeros(events.size, np.float32))
+        t4 = time.perf_counter()
+        templates = late_templates(recording, config, noise, events, labels, templates, snip.nbefore, progress)
+        timings["templates_s"] = time.perf_counter() - t4
         features_meta = {
             "kind": config.train.features,
             "latent_dim": int(encoder.latent_dim),
