@@ -93,17 +93,19 @@ def _fits(xn, channels, units, channel_index, templates, amin, amax, max_shift, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _subtract(residual, first, starts, units, scale, templates_uv):
-    """residual[t - first] -= scale x template (uV, every channel) where each pending spike's template, starting
-    at sample ``starts``, overlaps rows first.. of ``residual``; spikes in the order they were emitted."""
-    t_len, n_ch = templates_uv.shape[1], templates_uv.shape[2]
+def _subtract(residual, first, starts, units, scale, templates_uv, unit_channels, n_unit_channels):
+    """residual[t - first] -= scale x template (uV, on the unit's ``unit_channels``: the others are 0) where each
+    pending spike's template, starting at sample ``starts``, overlaps rows first.. of ``residual``; spikes in the
+    order they were emitted."""
+    t_len = templates_uv.shape[1]
     n = residual.shape[0]
     for i in range(starts.shape[0]):
         u = units[i]
         a = scale[i]
         for t in range(max(0, first - starts[i]), min(t_len, first + n - starts[i])):
             r = starts[i] + t - first
-            for c in range(n_ch):
+            for j in range(n_unit_channels[u]):
+                c = unit_channels[u, j]
                 residual[r, c] -= a * templates_uv[u, t, c]
 
 
@@ -217,6 +219,13 @@ def _clear(samples, channels, units, r_samples, r_channels, r_units, positions, 
         out[i] = ok
 
 
+def _last_rows(before: np.ndarray, block: np.ndarray, keep: int) -> np.ndarray:
+    """The last ``keep`` rows of ``before`` followed by ``block`` (a new array; only what is kept is copied)."""
+    if keep <= block.shape[0]:
+        return block[block.shape[0] - keep :].copy()
+    return np.concatenate([before[before.shape[0] - (keep - block.shape[0]) :], block])
+
+
 class Peeler:
     """The second, residual pass of one stream (see the module docstring).
 
@@ -235,6 +244,9 @@ class Peeler:
         self.front = front
         self.matcher = matcher
         self.templates_uv = np.ascontiguousarray(templates, dtype=np.float32)
+        on = np.abs(self.templates_uv).max(axis=1) > 0  # (U, C): each unit's channels (templates are sparse)
+        self._unit_ch = padded_rows([np.flatnonzero(row) for row in on], np.int64)
+        self._n_unit_ch = on.sum(axis=1).astype(np.int64)
         self.noise = front.noise_levels
         # the second pass looks for spikes only (deep slopes): no candidates, no trough events
         spikes_only = replace(cfg.detect, candidate_threshold=0.0, trough_threshold=0.0)
@@ -339,11 +351,12 @@ class Peeler:
         xn = np.zeros((1, self.front.snippets.n_samples, k), np.float32)
         ch = np.zeros(1, np.int64)
         a, s = np.zeros(1, np.float32), np.zeros(1, np.int64)
-        _fits(xn, ch, np.zeros(1, np.int32), self.matcher.channel_index, self.matcher.templates, AMPLITUDE_RANGE[0],
-              AMPLITUDE_RANGE[1], self.max_shift, a, s)
+        none = np.zeros(0, np.int32)  # no spike: the kernels compile without reading a unit (there may be none)
+        _fits(xn[:0], ch[:0], none, self.matcher.channel_index, self.matcher.templates, AMPLITUDE_RANGE[0],
+              AMPLITUDE_RANGE[1], self.max_shift, a[:0], s[:0])
         self.matcher.match(xn, ch, self.matcher.near_units[ch], np.zeros(1, np.int32))  # the second pass's labels
-        _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch, np.zeros(1, np.int32), a,
-                  self.templates_uv)
+        _subtract(np.zeros((2, self.templates_uv.shape[2]), np.float32), 0, ch[:0], none, a[:0], self.templates_uv,
+                  self._unit_ch, self._n_unit_ch)
         _clear(ch, ch, ch, ch, ch, ch, self.positions, 1, 1, 1.0, 1, 1, True, np.zeros(1, np.bool_))
         z = np.zeros((self._search_tm.shape[0], 1), np.float32)
         rows = np.zeros((1, self.templates_uv.shape[2]), np.float32)
@@ -391,7 +404,7 @@ class Peeler:
         p = self._pending
         if p.size:
             _subtract(residual, first, np.ascontiguousarray(p["start"]), np.ascontiguousarray(p["unit"]),
-                      np.ascontiguousarray(p["scale"]), self.templates_uv)
+                      np.ascontiguousarray(p["scale"]), self.templates_uv, self._unit_ch, self._n_unit_ch)
             self._pending = p[p["start"] + self.templates_uv.shape[1] > final]
         self._start = final
         events = self.detector.process(residual)
@@ -431,7 +444,8 @@ class Peeler:
         behind ``final``, so every chunking decides the same matches.
         """
         t_len = self._search_tm.shape[1]
-        hist = np.concatenate([self._hist, residual])  # the residual from _d_next (the first undecided window) on
+        # the residual from _d_next (the first undecided window start) on: self._hist, then this block
+        d_lo = self._d_next
         z_hi = final - t_len + 1  # the last window start whose samples are all final, plus one
         m = z_hi - self._z_next
         if m > 0:
@@ -447,17 +461,13 @@ class Peeler:
                 self._z_start = z_hi
             self._z_next = z_hi
         # the samples of the window starts still to come (at most t_len - 1 of them, unless the block was short)
-        keep = final - self._z_next
-        if keep <= residual.shape[0]:
-            self._head = residual[residual.shape[0] - keep :].copy()
-        else:
-            self._head = np.concatenate([self._head[self._head.shape[0] - (keep - residual.shape[0]) :], residual])
-        d_lo, d_hi = self._d_next, final - self._search_lag
+        self._head = _last_rows(self._head, residual, final - self._z_next)
+        d_hi = final - self._search_lag
+        hist = self._hist
+        self._hist = _last_rows(hist, residual, final - max(d_lo, d_hi))
         if d_hi <= d_lo:
-            self._hist = hist
             return _NO_EVENTS, _NO_UNITS
         self._d_next = d_hi
-        self._hist = hist[d_hi - d_lo :]
         n_u = self._z.shape[0]
         n = 0
         if label and n_u:
@@ -483,8 +493,12 @@ class Peeler:
         u = self._search_units[u]  # the searched units' numbers
         # the candidates' residual rule, on the residual's snippet at the match (the matched filter was the gate)
         cix = self.matcher.channel_index[channels]  # (k, K)
-        rows = (t - d_lo)[:, None, None] + np.arange(t_len)[None, :, None]
-        xn = hist[rows, cix[:, None, :]] * self._inv_noise[cix][:, None, :]
+        rows = (t - d_lo)[:, None, None] + np.arange(t_len)[None, :, None]  # in self._hist, then the block
+        cols = cix[:, None, :]
+        old = rows < hist.shape[0]
+        wf = np.where(old, hist[np.minimum(rows, max(hist.shape[0] - 1, 0)), cols] if hist.shape[0] else 0.0,
+                      residual[np.maximum(rows - hist.shape[0], 0), cols])
+        xn = (wf * self._inv_noise[cix][:, None, :]).astype(np.float32)
         fit = np.zeros(t.size, np.int32)
         self.matcher.match(xn, channels, u[:, None].astype(np.int32), fit, gates=False)
         r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
