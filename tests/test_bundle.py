@@ -497,6 +497,26 @@ def _weak_unit_stream(probe, n, noise_uV, times, nb, peak_sigma, seed):
     return x, template
 
 
+def _weak_unit_setup(small_sim, spacing: int, seed: int):
+    """A weak unit every ``spacing`` samples in 4 s of 10 uV noise (:func:`_weak_unit_stream`), a calibrated
+    front end and the runtime's matcher for its template: (rec, cfg, times, x, template, front, matcher)."""
+    from rtsort.config import Config
+    from rtsort.frontend import FrontEnd
+
+    rec, _, _ = small_sim
+    cfg = Config()
+    n, nb = 120000, 18
+    times = np.arange(2000, n - 2000, spacing)
+    x, template = _weak_unit_stream(rec.probe, n, 10.0, times, nb, 2.2, seed=seed)
+    front = FrontEnd(cfg, rec.probe, rec.sampling_rate, snippets=True)
+    front.detector.noise_levels = front.detector.calibrate(x[:30000])
+    assert front.snippets.nbefore == nb and front.snippets.n_samples == template.shape[0]
+    matcher = TemplateMatcher(template[None], front.noise_levels[1], front.snippets.channel_index, max_shift=1,
+                              min_snr=cfg.assign.template_min_snr, min_scale=cfg.assign.template_min_scale,
+                              max_residual=cfg.assign.candidate_max_residual)
+    return rec, cfg, times, x, template, front, matcher
+
+
 def test_search_finds_spikes_under_the_detector_thresholds(small_sim):
     """[assign] search: a unit whose spikes reach 2.2 x noise on any one channel (under the candidates' 2.5 and
     the troughs' 3.0) but spread over many channels: the detector sees no spike there and peeling finds none,
@@ -504,20 +524,11 @@ def test_search_finds_spikes_under_the_detector_thresholds(small_sim):
     chunking changes nothing."""
     from dataclasses import replace
 
-    from rtsort.config import Config
     from rtsort.frontend import FrontEnd
     from rtsort.peel import Peeler
 
-    rec, _, _ = small_sim
-    cfg = Config()
-    noise_uV, n, nb = 10.0, 120000, 18
-    times = np.arange(2000, n - 2000, 700)
-    x, template = _weak_unit_stream(rec.probe, n, noise_uV, times, nb, 2.2, seed=4)
-    front = FrontEnd(cfg, rec.probe, rec.sampling_rate, snippets=True)
-    front.detector.noise_levels = front.detector.calibrate(x[:30000])
-    assert front.snippets.nbefore == nb and front.snippets.n_samples == template.shape[0]
-    matcher = TemplateMatcher(template[None], front.noise_levels[1], front.snippets.channel_index, max_shift=1,
-                              min_snr=cfg.assign.template_min_snr, min_scale=cfg.assign.template_min_scale)
+    rec, cfg, times, x, template, front, matcher = _weak_unit_setup(small_sim, 700, seed=4)
+    n, noise_uV = x.shape[0], 10.0
     z_expected = np.sqrt((matcher.templates[0][:, matcher.channel_index[np.abs(template).max(0).argmax()]] ** 2).sum())
     assert z_expected >= 14  # the matched filter's reach; no channel alone gets there
 
@@ -556,20 +567,11 @@ def test_search_takes_no_late_phase_for_a_weak_units_spike(small_sim):
     """A broad, slow deflection (a big spike's late phase, past its template's end) over a weak unit's
     channels passes the search's matched filter gate, but its template's fit leaves far more residual than a
     candidate may: no match there, while the unit's own spikes are still found."""
-    from rtsort.config import Config
     from rtsort.frontend import FrontEnd
     from rtsort.peel import Peeler
 
-    rec, _, _ = small_sim
-    cfg = Config()
-    noise_uV, n, nb = 10.0, 120000, 18
-    times = np.arange(2000, n - 2000, 1400)
-    x, template = _weak_unit_stream(rec.probe, n, noise_uV, times, nb, 2.2, seed=5)
-    front = FrontEnd(cfg, rec.probe, rec.sampling_rate, snippets=True)
-    front.detector.noise_levels = front.detector.calibrate(x[:30000])
-    matcher = TemplateMatcher(template[None], front.noise_levels[1], front.snippets.channel_index, max_shift=1,
-                              min_snr=cfg.assign.template_min_snr, min_scale=cfg.assign.template_min_scale,
-                              max_residual=cfg.assign.candidate_max_residual)
+    rec, cfg, times, x, template, front, matcher = _weak_unit_setup(small_sim, 1400, seed=5)
+    n, nb, noise_uV = x.shape[0], front.snippets.nbefore, 10.0
     # the late phase: as deep as the unit's trough, three times as slow, on the same channels, between its spikes
     tau = np.arange(-60, 61)
     slow = -np.exp(-0.5 * (tau / 12.0) ** 2)
