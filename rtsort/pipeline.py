@@ -272,6 +272,76 @@ def percentiles(values, scale: float = 1.0) -> dict:
     return out
 
 
+class Distribution:
+    """A run's values (seconds, say) in constant memory, whatever the run's length: exact count, mean, min and
+    max; percentiles from a histogram of bins ``RATIO`` wide on a log scale (0.5 % relative error) for either
+    sign. Values wait in a short list and are binned a block at a time, so adding one costs about 0.1 us.
+    """
+
+    RATIO = 1.01
+    LOW, HIGH = 1e-9, 1e6  # magnitudes outside go to the first / last bin (min and max stay exact)
+    BLOCK = 4096
+
+    def __init__(self):
+        self._log_ratio = np.log(self.RATIO)
+        self._n_bins = int(np.ceil(np.log(self.HIGH / self.LOW) / self._log_ratio)) + 1
+        self._pos = np.zeros(self._n_bins, np.int64)
+        self._neg = np.zeros(self._n_bins, np.int64)
+        self._zero = 0
+        self.count, self._sum = 0, 0.0
+        self.min, self.max = np.inf, -np.inf
+        self._waiting = []
+
+    def add_one(self, value: float) -> None:
+        self._waiting.append(value)
+        if len(self._waiting) >= self.BLOCK:
+            self._flush()
+
+    def add(self, values) -> None:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if len(self._waiting) + v.size >= self.BLOCK:
+            self._flush()
+            self._bin(v)
+        else:
+            self._waiting.extend(v.tolist())
+
+    def _flush(self) -> None:
+        self._bin(np.array(self._waiting, dtype=np.float64))
+        self._waiting = []
+
+    def _bin(self, v: np.ndarray) -> None:
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return
+        self.count += v.size
+        self._sum += float(v.sum())
+        self.min, self.max = min(self.min, float(v.min())), max(self.max, float(v.max()))
+        for hist, m in ((self._pos, v[v > 0]), (self._neg, -v[v < 0])):
+            if m.size:
+                i = np.clip(np.floor(np.log(np.maximum(m, self.LOW) / self.LOW) / self._log_ratio), 0,
+                            self._n_bins - 1).astype(np.int64)
+                hist += np.bincount(i, minlength=self._n_bins)
+        self._zero += int(np.count_nonzero(v == 0))
+
+    def percentiles(self, scale: float = 1.0) -> dict:
+        """p50 / p90 / p99 / p99.9 / max and mean x ``scale``, as :func:`percentiles` gives ({} when empty)."""
+        self._flush()
+        if self.count == 0:
+            return {}
+        mid = self.LOW * self.RATIO ** (np.arange(self._n_bins) + 0.5)  # each bin's geometric centre
+        values = np.concatenate([-mid[::-1], [0.0], mid])
+        counts = np.concatenate([self._neg[::-1], [self._zero], self._pos])
+        cum = np.cumsum(counts)
+        out = {}
+        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9)):
+            rank = q / 100.0 * (self.count - 1)  # as np.percentile ranks, to the bin holding that value
+            v = values[int(np.searchsorted(cum, rank, side="right"))]
+            out[name] = float(min(max(v, self.min), self.max)) * scale
+        out["max"] = self.max * scale
+        out["mean"] = self._sum / self.count * scale
+        return out
+
+
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
                chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
                resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0,
@@ -310,8 +380,10 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             sink.close()
         raise
     live = not (isinstance(src, FileSource) and not speed)
-    compute, stages, sink_ns, latency, wait, arrival = [], [], [], [], [], []
-    peeled_latency, peeled_wait = [], []  # peeled spikes (collisions, matches) wait for the residual: apart
+    # constant memory over hours of a live run; peeled spikes (collisions, matches) wait for the residual: apart
+    compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait = (Distribution() for _ in range(7))
+    stages = [Distribution() for _ in STAGES]
+    compute_s = 0.0
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
@@ -344,7 +416,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             encode = True
             if live and chunk.timestamp is not None:  # its last sample was taken `lag` s ago
                 lag = now() - (chunk.timestamp + (chunk.n_samples - 1) / fs)
-                arrival.append(lag)
+                arrival.add_one(lag)
                 if max_lag_ms is not None and lag * 1000.0 > max_lag_ms:
                     encode = False
                     counts["late_chunks"] += 1
@@ -359,14 +431,17 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 k = spikes.size - pipe.last_peeled
                 if live:
                     late = now() - ts
-                    latency.extend(late[:k].tolist())
-                    peeled_latency.extend(late[k:].tolist())
+                    latency.add(late[:k])
+                    peeled_latency.add(late[k:])
                 waits = (last - spikes["sample_index"]) / fs
-                wait.extend(waits[:k].tolist())
-                peeled_wait.extend(waits[k:].tolist())
-            sink_ns.append(time.perf_counter_ns() - t1)
-            compute.append(time.perf_counter() - t0)
-            stages.append(pipe.stage_ns.copy())
+                wait.add(waits[:k])
+                peeled_wait.add(waits[k:])
+            sink_ns.add_one(time.perf_counter_ns() - t1)
+            dt = time.perf_counter() - t0
+            compute.add_one(dt)
+            compute_s += dt
+            for d, ns in zip(stages, pipe.stage_ns.tolist()):
+                d.add_one(ns)
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
             if duration is not None and counts["samples"] >= duration * fs:
@@ -383,17 +458,16 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
     counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
-    st = np.array(stages).reshape(-1, len(STAGES)) / 1e6
     stats = {**counts,
-             "compute_s_total": float(np.sum(compute)),
-             "compute_ms": percentiles(compute, 1000.0),
-             "stage_ms": {name: percentiles(st[:, i]) for i, name in enumerate(STAGES)},
-             "sink_ms": percentiles(sink_ns, 1e-6),
-             "wait_ms": percentiles(wait, 1000.0),
-             "arrival_ms": percentiles(arrival, 1000.0),
-             "trough_to_emit_ms": percentiles([x for x in latency if np.isfinite(x)], 1000.0),
-             "peeled_wait_ms": percentiles(peeled_wait, 1000.0),
-             "peeled_trough_to_emit_ms": percentiles([x for x in peeled_latency if np.isfinite(x)], 1000.0)}
+             "compute_s_total": compute_s,
+             "compute_ms": compute.percentiles(1000.0),
+             "stage_ms": {name: d.percentiles(1e-6) for name, d in zip(STAGES, stages)},
+             "sink_ms": sink_ns.percentiles(1e-6),
+             "wait_ms": wait.percentiles(1000.0),
+             "arrival_ms": arrival.percentiles(1000.0),
+             "trough_to_emit_ms": latency.percentiles(1000.0),  # non-finite values (no timestamps) are left out
+             "peeled_wait_ms": peeled_wait.percentiles(1000.0),
+             "peeled_trough_to_emit_ms": peeled_latency.percentiles(1000.0)}
     log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
              "p99 %.3f ms", counts["chunks"], counts["spikes"], counts["unassigned"], counts["skipped_encoding"],
              counts["gaps"], stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))

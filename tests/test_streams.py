@@ -306,3 +306,35 @@ def test_realtime_request_is_granted_or_refused_with_a_warning():
     ok, fifo = r.stdout.split()
     assert ok == fifo  # granted means really scheduled first; refused means really not
     assert ("SCHED_FIFO" in r.stderr) if ok == "True" else ("refused" in r.stderr)
+
+
+def test_distribution_keeps_a_long_runs_percentiles_in_constant_memory():
+    """run_stream's statistics: exact count, mean, min and max; percentiles within the histogram's 0.5 % of
+    np.percentile, for values of either sign, zeros and NaN (left out), added one by one or in blocks; the
+    memory does not grow with the number of values."""
+    from rtsort.pipeline import Distribution, percentiles
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.lognormal(-7.0, 1.0, 200_000), -rng.lognormal(-8.0, 0.5, 3_000), np.zeros(500)])
+    rng.shuffle(v)
+    d = Distribution()
+    sizes = []
+    for i in range(0, v.size, 997):
+        block = v[i : i + 997]
+        if i % 2:
+            d.add(np.r_[block, np.nan])
+        else:
+            for x in block:
+                d.add_one(x)
+        sizes.append(sum(a.nbytes for a in vars(d).values() if isinstance(a, np.ndarray)))
+        assert len(d._waiting) < d.BLOCK
+    got, want = d.percentiles(1000.0), percentiles(v, 1000.0)
+    assert set(got) == set(want) and d.count == v.size
+    assert got["max"] == want["max"] and abs(got["mean"] - want["mean"]) <= 1e-9 * abs(want["mean"])
+    for q in ("p50", "p90", "p99", "p99.9"):
+        assert abs(got[q] - want[q]) <= 0.006 * abs(want[q]), (q, got[q], want[q])
+    assert len(set(sizes)) == 1  # constant memory
+    assert Distribution().percentiles() == {}
+    neg = Distribution()
+    neg.add([-3.0, -2.0, -1.0])
+    assert neg.percentiles()["max"] == -1.0 and abs(neg.percentiles()["p50"] + 2.0) <= 0.01
