@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import STAGES, percentiles, run_stream
+from .pipeline import STAGES, run_stream
+from .stats import percentiles
 
 log = logging.getLogger("rtsort.bench")
 

@@ -312,7 +312,7 @@ def test_distribution_keeps_a_long_runs_percentiles_in_constant_memory():
     """run_stream's statistics: exact count, mean, min and max; percentiles within the histogram's 0.5 % of
     np.percentile, for values of either sign, zeros and NaN (left out), added one by one or in blocks; the
     memory does not grow with the number of values."""
-    from rtsort.pipeline import Distribution, percentiles
+    from rtsort.stats import Distribution, percentiles
 
     rng = np.random.default_rng(0)
     v = np.concatenate([rng.lognormal(-7.0, 1.0, 200_000), -rng.lognormal(-8.0, 0.5, 3_000), np.zeros(500)])

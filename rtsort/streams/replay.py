@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from ..errors import StreamFormatError
+from ..stats import Distribution
 from .zmq import ZmqPublisher, samples_message
 
 log = logging.getLogger("rtsort.streams.replay")
@@ -72,7 +73,7 @@ def replay(recording, to: str, speed: float = 1.0, chunk_ms: float = 1.0, loop: 
         transport.wait_for_consumers(consumer_timeout_s)
     time.sleep(start_delay_s)  # let subscribers join before the first sample (ZeroMQ's slow joiner)
     total = recording.n_samples * (10**9 if loop else 1) if duration is None else int(duration * fs)
-    errors = []
+    errors = Distribution()  # constant memory: a looping replay runs for hours
     sent = 0
     t0 = now()
     try:
@@ -84,17 +85,16 @@ def replay(recording, to: str, speed: float = 1.0, chunk_ms: float = 1.0, loop: 
                 due = t0 + (sent + n) / (fs * speed)
                 wait_until(due)
                 send(c.samples, sent, t0 + sent / (fs * speed), t0 + (sent + n - 1) / (fs * speed))
-                errors.append(now() - due)
+                errors.add_one(now() - due)
                 sent += n
             if not loop:
                 break
     finally:
         time.sleep(0.2)  # let the last messages leave before the socket closes
         transport.close()
-    e = np.asarray(errors) * 1000.0
-    stats = {"samples": sent, "chunks": len(errors), "dropped": transport.dropped,
-             "pacing_error_ms": {q: float(np.percentile(e, p)) if e.size else 0.0
-                                 for q, p in (("p50", 50), ("p99", 99), ("max", 100))}}
+    e = errors.percentiles(1000.0)
+    stats = {"samples": sent, "chunks": errors.count, "dropped": transport.dropped,
+             "pacing_error_ms": {q: e.get(q, 0.0) for q in ("p50", "p99", "max")}}
     log.info("replayed %d samples in %d chunks; pacing error p50 %.3f ms, p99 %.3f ms, max %.3f ms", sent,
-             len(errors), *stats["pacing_error_ms"].values())
+             errors.count, *stats["pacing_error_ms"].values())
     return stats
