@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..assign import make_assigner
+from ..assign import make_assigner, padded_rows
 from ..bundle import save_bundle
 from ..config import Config
 from ..errors import RecordingError
@@ -81,7 +81,9 @@ def late_templates(recording, config: Config, noise: np.ndarray, events, labels,
     start = (events["sample_index"][m] - n_before + t_len)[order]  # where each tail starts (sorted)
     unit = labels[m][order].astype(np.int64)
     extra = length - t_len
-    sums = np.zeros((n_units, extra, n_ch), np.float64)
+    on = np.abs(templates).max(axis=1) > 0  # (units, C): each template's channels, the only ones summed
+    unit_ch = padded_rows([np.flatnonzero(row) for row in on], np.int64)  # (units, K), -1 padded
+    sums = np.zeros((n_units, extra, unit_ch.shape[1]), np.float64)
     counts = np.bincount(unit, minlength=n_units)
     pre = FrontEnd.for_recording(config, recording, noise_levels=noise, snippets=False).preprocessor
     chunk = int(fs)
@@ -94,18 +96,21 @@ def late_templates(recording, config: Config, noise: np.ndarray, events, labels,
             end = first + buf.shape[0]
             ready = done + int(np.searchsorted(start[done:], end - extra, side="right"))
             for i in range(done, ready, TAIL_BATCH):  # the tails now wholly in buf (later ones start after carry)
-                j = min(i + TAIL_BATCH, ready)
-                windows = buf[(start[i:j] - first)[:, None] + np.arange(extra)[None, :]].reshape(j - i, -1)
-                onehot = np.zeros((n_units, j - i), np.float32)
-                onehot[unit[i:j], np.arange(j - i)] = 1.0
-                sums += (onehot @ windows).reshape(sums.shape)
+                by_unit = i + np.argsort(unit[i : min(i + TAIL_BATCH, ready)], kind="stable")
+                rows = (start[by_unit] - first)[:, None, None] + np.arange(extra)[None, :, None]
+                windows = buf[rows, np.maximum(unit_ch[unit[by_unit]], 0)[:, None, :]]  # (k, extra, K)
+                units, at = np.unique(unit[by_unit], return_index=True)
+                sums[units] += np.add.reduceat(windows, at, axis=0)
             done = ready
             carry = buf[-extra:].copy() if buf.shape[0] > extra else buf.copy()
             first = end - carry.shape[0]
             bar.update(n)
     counts -= np.bincount(unit[done:], minlength=n_units)  # tails past the recording's end
-    tail = (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
-    tail[np.abs(templates).max(axis=1)[:, None, :].repeat(extra, axis=1) == 0] = 0.0  # the template's channels
+    mean = sums / np.maximum(counts, 1)[:, None, None]
+    tail = np.zeros((n_units, extra, n_ch), np.float32)
+    for u in range(n_units):
+        k = int(on[u].sum())
+        tail[u][:, unit_ch[u, :k]] = mean[u, :, :k]
     return np.concatenate([templates, tail], axis=1)
 
 
