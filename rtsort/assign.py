@@ -48,7 +48,7 @@ AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a facto
 RESIDUAL_OF_FIT = 0.5
 # the late phase of a spike (its repolarisation) lies this many samples after its trough (at 30 kHz) and reaches
 # channels this far, at most 1 / LATE_PHASE_RATIO of the trough's size (measured on tools/compare.py's recordings;
-# rtsort.peel's quiet window for the search is the same phase)
+# peeling subtracts it with the templates, up to assign.subtract_ms_after, and the search's fit test rejects it)
 LATE_PHASE_SAMPLES = (15, 45)
 LATE_PHASE_UM = 100.0
 LATE_PHASE_RATIO = 2.0
