@@ -111,6 +111,13 @@ def padded_rows(rows, dtype) -> np.ndarray:
     return out
 
 
+def template_channels(templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's channels where its template (units, T, C) is not zero (templates are sparse): (units, K)
+    padded with -1 (:func:`padded_rows`), and how many (units,)."""
+    on = np.abs(templates).max(axis=1) > 0
+    return padded_rows([np.flatnonzero(row) for row in on], np.int64), on.sum(axis=1).astype(np.int64)
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def shifted_fit(x, templates, u, s, channel_index, c):
     """(<x, T>, |T|^2) of snippet ``x`` (T, K) on peak channel ``c`` and unit ``u``'s template shifted by ``s``."""

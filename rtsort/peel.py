@@ -47,7 +47,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 
-from .assign import AMPLITUDE_RANGE, padded_rows, shifted_fit
+from .assign import AMPLITUDE_RANGE, padded_rows, shifted_fit, template_channels
 from .detect import GradientDetector
 from .features import normalize_waveforms
 from .snippets import SnippetExtractor
@@ -244,9 +244,7 @@ class Peeler:
         self.front = front
         self.matcher = matcher
         self.templates_uv = np.ascontiguousarray(templates, dtype=np.float32)
-        on = np.abs(self.templates_uv).max(axis=1) > 0  # (U, C): each unit's channels (templates are sparse)
-        self._unit_ch = padded_rows([np.flatnonzero(row) for row in on], np.int64)
-        self._n_unit_ch = on.sum(axis=1).astype(np.int64)
+        self._unit_ch, self._n_unit_ch = template_channels(self.templates_uv)  # subtraction touches only these
         self.noise = front.noise_levels
         # the second pass looks for spikes only (deep slopes): no candidates, no trough events
         spikes_only = replace(cfg.detect, candidate_threshold=0.0, trough_threshold=0.0)
@@ -339,7 +337,6 @@ class Peeler:
         self._pending = np.zeros(0, _PENDING)  # labelled spikes whose template still reaches unreleased samples
         # spikes still near the residual: (sample, channel, unit, _FIRST_PASS or _LATER)
         self._recent = np.zeros((0, 4), np.int64)
-        self._head = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _z_next on
         self._z = np.zeros((self._search_units.size, 0), np.float32)  # the matched filters from _z_start on
         self._z_start = self._z_next = self._d_next = int(first_sample)
         self._hist = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _d_next on
@@ -444,8 +441,11 @@ class Peeler:
         behind ``final``, so every chunking decides the same matches.
         """
         t_len = self._search_tm.shape[1]
-        # the residual from _d_next (the first undecided window start) on: self._hist, then this block
+        # the residual from _d_next (the first undecided window start) on: self._hist, then this block; the
+        # matched filters' next window start _z_next is never earlier, so their head is hist's last rows
         d_lo = self._d_next
+        hist = self._hist
+        head = hist[hist.shape[0] - (final - residual.shape[0] - self._z_next) :]
         z_hi = final - t_len + 1  # the last window start whose samples are all final, plus one
         m = z_hi - self._z_next
         if m > 0:
@@ -453,17 +453,14 @@ class Peeler:
                 # whole SIMD vectors: a few more window starts over zeros, computed and dropped (1.5x faster at
                 # 30 samples a chunk than a scalar remainder)
                 z = np.empty((self._z.shape[0], m + (-m % 8)), np.float32)
-                _match_filter(self._head, residual, self._inv_noise, self._search_used, self._search_slot,
+                _match_filter(head, residual, self._inv_noise, self._search_used, self._search_slot,
                               self._search_nk, self._search_tm, *self._search_tau, self._inv_norm, z)
                 self._z = np.concatenate([self._z, z[:, :m]], axis=1)
             else:  # overload: the matched filters are skipped and the search starts again after the gap
                 self._z = self._z[:, :0]
                 self._z_start = z_hi
             self._z_next = z_hi
-        # the samples of the window starts still to come (at most t_len - 1 of them, unless the block was short)
-        self._head = _last_rows(self._head, residual, final - self._z_next)
         d_hi = final - self._search_lag
-        hist = self._hist
         self._hist = _last_rows(hist, residual, final - max(d_lo, d_hi))
         if d_hi <= d_lo:
             return _NO_EVENTS, _NO_UNITS

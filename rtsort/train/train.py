@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..assign import make_assigner, padded_rows
+from ..assign import make_assigner, template_channels
 from ..bundle import save_bundle
 from ..config import Config
 from ..errors import RecordingError
@@ -81,8 +81,7 @@ def late_templates(recording, config: Config, noise: np.ndarray, events, labels,
     start = (events["sample_index"][m] - n_before + t_len)[order]  # where each tail starts (sorted)
     unit = labels[m][order].astype(np.int64)
     extra = length - t_len
-    on = np.abs(templates).max(axis=1) > 0  # (units, C): each template's channels, the only ones summed
-    unit_ch = padded_rows([np.flatnonzero(row) for row in on], np.int64)  # (units, K), -1 padded
+    unit_ch, n_unit_ch = template_channels(templates)  # each template's channels, the only ones summed
     sums = np.zeros((n_units, extra, unit_ch.shape[1]), np.float64)
     counts = np.bincount(unit, minlength=n_units)
     pre = FrontEnd.for_recording(config, recording, noise_levels=noise, snippets=False).preprocessor
@@ -108,8 +107,7 @@ def late_templates(recording, config: Config, noise: np.ndarray, events, labels,
     counts -= np.bincount(unit[done:], minlength=n_units)  # tails past the recording's end
     mean = sums / np.maximum(counts, 1)[:, None, None]
     tail = np.zeros((n_units, extra, n_ch), np.float32)
-    for u in range(n_units):
-        k = int(on[u].sum())
+    for u, k in enumerate(n_unit_ch):
         tail[u][:, unit_ch[u, :k]] = mean[u, :, :k]
     return np.concatenate([templates, tail], axis=1)
 
