@@ -20,8 +20,15 @@ the ones no template claims are not spikes. A candidate must also leave at
 most ``candidate_max_residual`` mean squared residual per sample (noise
 alone: 1): the tail of a big unit's spike, a millisecond after its trough,
 can correlate with a small neighbour's template as well as that unit's own
-spikes do, but it is not explained by it. README, "Labelling", has the
-figures.
+spikes do, but it is not explained by it. Nor may it leave its unit's
+footprint: the residual, projected channel by channel onto the template's
+time course (its peak channel's, of unit norm), may hold at most
+``candidate_max_footprint`` per channel (noise alone: 1) plus
+``FOOTPRINT_OF_FIT`` of the fit's energy. A weak neighbour with no unit of
+its own, a few tens of micrometres away, has the same time course on
+channels in other proportions: the whole snippet's residual barely sees it
+(a few hundred samples of noise), these K projections do. README,
+"Labelling", has the figures.
 
 The same late phase also crosses the spikes' threshold when the big unit
 drifts towards a channel: :class:`LatePhase` drops an event (spike or claimed
@@ -46,6 +53,8 @@ AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a facto
 # a candidate's residual may also hold this fraction of the fitted template's energy (template mismatch and a
 # colliding spike grow with the unit's size; the tail of another unit's spike claimed by a small template does not)
 RESIDUAL_OF_FIT = 0.5
+# ... and its footprint residual this fraction (a template's error grows with the unit's size)
+FOOTPRINT_OF_FIT = 0.2
 # the late phase of a spike (its repolarisation) lies this many samples after its trough (at 30 kHz) and reaches
 # channels this far, at most 1 / LATE_PHASE_RATIO of the trough's size (measured on tools/compare.py's recordings;
 # peeling subtracts it with the templates, up to assign.subtract_ms_after, and the search's fit test rejects it)
@@ -134,7 +143,7 @@ def shifted_fit(x, templates, u, s, channel_index, c):
 
 @numba.njit(cache=True, nogil=True)
 def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
-               max_residual):
+               max_residual, protos, max_footprint, footprint_of_fit):
     """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain,
     mean squared residual per sample of that unit's fit once it passes the gates, else NaN).
 
@@ -151,6 +160,7 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
     best_z = 0.0
     best_a = 0.0
     best_nrm = 0.0
+    best_s = 0
     for m in range(candidates.shape[0]):
         u = candidates[m]
         seen = u < 0
@@ -172,6 +182,7 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
                 best_z = dot / np.sqrt(nrm)
                 best_a = dot / nrm
                 best_nrm = nrm
+                best_s = s
     ok = best_z >= min_snr and best_a >= min_scale
     res = np.nan
     if ok:
@@ -182,24 +193,35 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
         res = (energy - best_g) / (t_len * n_k)
         if max_residual < np.inf:
             ok = energy - best_g <= max_residual * t_len * n_k + RESIDUAL_OF_FIT * best_a * best_a * best_nrm
+        if ok and max_footprint < np.inf:
+            a = min(max(best_a, amin), amax)
+            stat = 0.0
+            for j in range(n_k):
+                ch = channel_index[c, j]
+                p = 0.0
+                for t in range(max(0, best_s), min(t_len, t_len + best_s)):
+                    p += (x[t, j] - a * templates[best_u, t - best_s, ch]) * protos[best_u, t - best_s]
+                stat += p * p
+            ok = stat <= max_footprint * n_k + footprint_of_fit * best_a * best_a * best_nrm
     return (best_u if ok else -1), best_g, res
 
 
 @numba.njit(cache=True, nogil=True)
 def _match(xn, channels, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
-           max_residual, unit, gain):
+           max_residual, protos, max_footprint, footprint_of_fit, unit, gain):
     """:func:`_match_one` for every spike not already rejected (``unit`` < 0 stays; its gain is NaN)."""
     for i in range(xn.shape[0]):
         gain[i] = np.nan
         if unit[i] >= 0:
             unit[i], gain[i], _ = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin,
-                                             amax, prior, max_shift, min_snr, min_scale, max_residual)
+                                             amax, prior, max_shift, min_snr, min_scale, max_residual, protos,
+                                             max_footprint, footprint_of_fit)
 
 
 @numba.njit(cache=True, nogil=True)
 def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate, within, n_cand, near_units,
-           channel_index, templates, amin, amax, prior, max_shift, min_snr, min_scale, max_residual, unit, dist,
-           residual):
+           channel_index, templates, amin, amax, prior, max_shift, min_snr, min_scale, max_residual, protos,
+           max_footprint, footprint_of_fit, unit, dist, residual):
     """Every event of a chunk in one pass: spikes (``deep``, rows of ``features`` in order) by nearest centroid and
     template fit among the short list; candidates by template fit among ``near_units`` of their channel, which
     must also leave at most ``max_residual`` (a spike's residual is not limited: collisions stay labelled).
@@ -218,13 +240,14 @@ def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate,
             r += 1
             if unit[i] >= 0:
                 unit[i], _, res = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, prior, max_shift,
-                                             min_snr, min_scale, np.inf)
+                                             min_snr, min_scale, np.inf, protos, np.inf, 0.0)
                 if unit[i] >= 0:
                     residual[i] = res
         else:
             dist[i] = np.nan
             unit[i], _, res = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, prior,
-                                         max_shift, min_snr, min_scale, max_residual)
+                                         max_shift, min_snr, min_scale, max_residual, protos, max_footprint,
+                                         footprint_of_fit)
             if unit[i] >= 0:
                 residual[i] = res
 
@@ -256,7 +279,8 @@ class TemplateMatcher:
     """
 
     def __init__(self, templates, voltage_noise, channel_index, max_shift: int = 1, min_snr: float = 10.0,
-                 min_scale: float = 0.6, max_residual: float = np.inf, amplitude_prior: float = 0.0):
+                 min_scale: float = 0.6, max_residual: float = np.inf, amplitude_prior: float = 0.0,
+                 max_footprint: float = np.inf, footprint_of_fit: float = FOOTPRINT_OF_FIT):
         tm = np.asarray(templates, dtype=np.float32)
         noise = np.asarray(voltage_noise, dtype=np.float32)
         if tm.ndim != 3 or tm.shape[2] != noise.shape[0]:
@@ -275,6 +299,12 @@ class TemplateMatcher:
         self.min_scale = float(min_scale)
         self.max_residual = float(max_residual)
         self.amplitude_prior = float(amplitude_prior)
+        # each unit's template on its peak channel, of unit norm: the shape a footprint's channels share
+        pk = self.templates[np.arange(tm.shape[0]), :, self.peak] if tm.shape[0] else np.zeros((0, tm.shape[1]))
+        nrm = np.linalg.norm(pk, axis=1, keepdims=True)
+        self.protos = np.ascontiguousarray(np.where(nrm > 0, pk / np.maximum(nrm, 1e-12), 0.0), dtype=np.float32)
+        self.max_footprint = float(max_footprint)
+        self.footprint_of_fit = float(footprint_of_fit)
 
     @property
     def n_samples(self) -> int:
@@ -291,6 +321,7 @@ class TemplateMatcher:
                    self.channel_index, self.templates, np.ascontiguousarray(candidates, dtype=np.int32),
                    AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.amplitude_prior, self.max_shift,
                    self.min_snr if gates else -np.inf, self.min_scale if gates else -np.inf, self.max_residual,
+                   self.protos, self.max_footprint if self.max_residual < np.inf else np.inf, self.footprint_of_fit,
                    unit, gain)
         return gain
 
@@ -367,7 +398,8 @@ class Assigner:
                np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within, self.candidates,
                m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1],
-               m.amplitude_prior, m.max_shift, m.min_snr, m.min_scale, m.max_residual, unit, dist,
+               m.amplitude_prior, m.max_shift, m.min_snr, m.min_scale, m.max_residual, m.protos,
+               m.max_footprint if m.max_residual < np.inf else np.inf, m.footprint_of_fit, unit, dist,
                residual if residual is not None else np.empty(k, np.float64))
         return unit, dist
 
@@ -398,7 +430,8 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
     matcher = TemplateMatcher(templates, voltage_noise, channel_index, cfg.template_max_shift,
                               cfg.template_min_snr, cfg.template_min_scale,
                               cfg.candidate_max_residual if cfg.candidate_max_residual > 0 else np.inf,
-                              cfg.amplitude_prior) \
+                              cfg.amplitude_prior,
+                              cfg.candidate_max_footprint if cfg.candidate_max_footprint > 0 else np.inf) \
         if cfg.template_candidates > 0 else None
     return Assigner(centroids, centroid_unit, radius, cfg.track_rate, cfg.track_within, matcher,
                     cfg.template_candidates)

@@ -238,6 +238,10 @@ class AssignConfig:
     # alone: 1), plus half the fit's energy, so the tail of another unit's spike is not claimed by a small
     # template; 0: no limit (1.5 before the search, which finds again what this rejects when it fits)
     candidate_max_residual: float = 1.0
+    # ... and the footprint: the residual of a candidate's fit, projected channel by channel onto its template's
+    # time course, may hold at most this much squared per channel (noise units; noise alone: 1) plus
+    # FOOTPRINT_OF_FIT of the fit's energy, so a neighbour's spike whose channels differ is not claimed (0: no limit)
+    candidate_max_footprint: float = 3.0
     # a template's scale a costs amplitude_prior x (a - 1)^2 x |T|^2 in the fit (noise units): a spike is its own
     # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
     amplitude_prior: float = 1.0
@@ -259,6 +263,7 @@ class AssignConfig:
         _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)
         _check_positive("assign.candidate_max_residual", self.candidate_max_residual, allow_zero=True)
+        _check_positive("assign.candidate_max_footprint", self.candidate_max_footprint, allow_zero=True)
         _check_positive("assign.amplitude_prior", self.amplitude_prior, allow_zero=True)
         _check_positive("assign.late_phase_residual", self.late_phase_residual, allow_zero=True)
         _check_positive("assign.subtract_ms_after", self.subtract_ms_after, allow_zero=True)

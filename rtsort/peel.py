@@ -23,8 +23,9 @@ event (first pass, peeled, matched before, or a tail) lies within
 ``DUPLICATE_SAMPLES`` and ``DUPLICATE_UM`` of it (the same event seen
 again), its unit has no known spike from ``REFRACTORY_SAMPLES`` before it
 to ``QUIET_AFTER`` after, and its
-template's fit to the residual leaves at most the candidates' residual
-(``assign.candidate_max_residual``): what a subtraction left, or the late
+template's fit to the residual passes the candidates' residual and
+footprint rules (``assign.candidate_max_residual``,
+``assign.candidate_max_footprint``): what a subtraction left, or the late
 phase of a spike past its template's end, correlates with a small
 template but is not explained by it, while a spike that collided with
 a known one is. Its ``kind`` is MATCH. Units whose template at scale

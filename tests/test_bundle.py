@@ -367,6 +367,35 @@ def test_a_candidate_must_leave_little_residual_a_spike_need_not():
         assert unit.tolist() == [0, 0]
 
 
+def test_a_candidate_must_have_its_units_footprint():
+    """[assign] candidate_max_footprint: a neighbour's spike, the same time course on other channels, that a
+    unit's template matches well enough for every other gate is not claimed: its residual, projected channel by
+    channel onto the template's time course, holds the channels that differ. The unit's own spikes, at any
+    usual size, are."""
+    rng = np.random.default_rng(4)
+    t_len, n_chan, n = 30, 6, 200
+    t = np.arange(t_len)
+    course = -np.exp(-(t - 10.0) ** 2 / 6.0) + 0.4 * np.exp(-(t - 17.0) ** 2 / 16.0)
+    own = np.array([7.0, 3.0, 2.0, 1.0, 0.0, 0.0])  # noise units: |T| about 15
+    neighbour = np.array([4.5, 5.0, 0.0, 3.5, 2.0, 0.0])
+    templates = (course[:, None] * own[None, :])[None].astype(np.float32)
+    spikes = rng.uniform(0.8, 1.2, n)[:, None, None] * templates[0] + rng.normal(size=(n, t_len, n_chan))
+    others = (course[:, None] * neighbour[None, :])[None] + rng.normal(size=(n, t_len, n_chan))
+    x = np.concatenate([spikes, others]).astype(np.float32)
+    ch = np.zeros(2 * n, np.int64)
+    claimed, as_spikes = {}, []
+    for limit in (np.inf, 3.0):
+        m = TemplateMatcher(templates, np.ones(n_chan, np.float32), np.arange(n_chan)[None, :].repeat(n_chan, 0),
+                            max_shift=1, min_snr=10.0, min_scale=0.6, max_residual=1.0, max_footprint=limit)
+        a = Assigner(np.zeros((1, 2), np.float32), [0], [np.inf], matcher=m, candidates=1)
+        unit, _ = a.label(np.zeros((0, 2), np.float32), x, ch, np.zeros(2 * n, bool))  # candidates
+        claimed[limit] = (np.mean(unit[:n] == 0), np.mean(unit[n:] == 0))
+        as_spikes.append(a.label(np.zeros((2 * n, 2), np.float32), x, ch, np.ones(2 * n, bool))[0])
+    np.testing.assert_array_equal(as_spikes[0], as_spikes[1])  # a spike's footprint is not limited (collisions)
+    assert claimed[np.inf][0] == 1.0 and claimed[np.inf][1] >= 0.3, claimed  # the other gates pass many
+    assert claimed[3.0][0] == 1.0 and claimed[3.0][1] <= 0.05, claimed
+
+
 def test_late_phase_of_a_bigger_spike_is_dropped_whatever_the_chunking():
     """[assign] late_phase_residual: an event that its unit's template leaves unexplained and that lies 0.5-1.5 ms
     after an event twice as deep, nearby, is that spike's late phase. Not when it is far, well explained, too
