@@ -80,6 +80,14 @@ class Bundle:
     def encoder_path(self) -> Path:
         return self.path / ENCODER
 
+    def contents(self) -> dict:
+        """:func:`save_bundle`'s arguments that write this bundle again (``training`` included)."""
+        return dict(config=self.config, sampling_rate=self.sampling_rate, probe=self.probe,
+                    noise_levels=self.noise_levels, encoder_file=self.encoder_path, centroids=self.centroids,
+                    centroid_unit=self.centroid_unit, centroid_radius=self.centroid_radius, templates=self.templates,
+                    features=self.features, units=self.units, training=dict(self.manifest.get("training", {})),
+                    gain_to_uV=self.gain_to_uV)
+
     def check_stream(self, n_channels: int, sampling_rate: float, source: str = "the stream") -> None:
         """Refuse a stream whose channel count or sampling rate differs from the bundle's."""
         if int(n_channels) != self.n_channels:

@@ -161,11 +161,16 @@ class TrainConfig:
     # output, which learns what it misses (without: C 36 / 34 / 33 units over seeds 0 / 1 / 2, with: 35 / 36 / 36)
     linear_path: bool = True
     threads: int = 2
+    # the templates are re-estimated this many times from the bundle's own sort of the training recording (its
+    # spikes at every size, candidates and matches included, not only those deep enough to cluster; 0: the
+    # clusters' means)
+    template_rounds: int = 1
 
     def __post_init__(self):
         _check_choice("train.features", self.features, ("transformer", "pca"))
         _check_ints("train", self, ("latent_dim", "d_model", "n_layers", "n_heads", "epochs", "batch_size",
                                     "max_snippets", "patience", "threads"), 1)
+        _check_ints("train", self, ("template_rounds",), 0, 8)
         if self.d_model % self.n_heads:
             raise ConfigError(f"train.d_model ({self.d_model}) must be a multiple of train.n_heads ({self.n_heads})")
         _check_positive("train.learning_rate", self.learning_rate)

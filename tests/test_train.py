@@ -123,30 +123,38 @@ def test_sort_gives_the_training_labels_for_any_chunking(small_sim, trained):
     assert np.isin(key(first), key(a)).all() and a.size > first.size  # peeling only adds
 
 
-def test_templates_reach_the_late_phase(small_sim, trained):
-    """The bundle's templates reach assign.subtract_ms_after past the trough: the snippet's span is the fit's
-    template, and past it each unit's mean filtered signal at its training spikes, on its template's channels
-    (what peeling subtracts)."""
+def test_templates_are_the_means_of_the_bundles_own_sort(small_sim, trained):
+    """The bundle's templates reach assign.subtract_ms_after past the trough (what peeling subtracts; the
+    snippet's span is the fit's template), and a round of refinement makes each unit's template the mean
+    filtered signal at the spikes the bundle itself sorts, candidates and matches included, on the template's
+    channels (0 elsewhere)."""
     from rtsort.bundle import load_bundle
     from rtsort.frontend import FrontEnd
+    from rtsort.train.train import refined_templates
 
     rec, _, _ = small_sim
-    result, path = trained
-    b = load_bundle(path)
+    b = load_bundle(trained[1])
     fe = FrontEnd.for_recording(b.config, rec, b.noise_levels)
     nb, t_len = fe.snippets.nbefore, fe.snippets.n_samples
     length = nb + int(round(b.config.assign.subtract_ms_after * rec.sampling_rate / 1000.0)) + 1
     assert b.templates.shape[1] == length > t_len
+    assert np.abs(b.templates[:, t_len:]).max() > 0.1 * np.abs(b.templates).max()  # a late phase to subtract
+    got = refined_templates(rec, b.contents(), 1, progress=False)
+    spikes, _ = sort_recording(rec, b, progress=False)
     f = fe.preprocessor.process(rec.get_traces(0, rec.n_samples)).copy()
-    tails = b.templates[:, t_len:]
-    assert np.abs(tails).max() > 0.1 * np.abs(b.templates).max()  # a late phase is there to subtract
+    counts = []
     for u in range(b.n_units):
-        s = result.spikes["sample_index"][result.spikes["unit"] == u]
-        s = s[s - nb + length <= f.shape[0]]
-        mean = f[(s - nb)[:, None] + np.arange(t_len, length)[None, :]].mean(axis=0)
-        on = np.abs(b.templates[u, :t_len]).max(axis=0) > 0
-        np.testing.assert_allclose(tails[u][:, on], mean[:, on], atol=1e-3)
-        assert not tails[u][:, ~on].any()
+        s = spikes["sample_index"][spikes["unit"] == u] - nb
+        s = s[(s >= 0) & (s + length <= f.shape[0])]
+        counts.append(s.size)
+        on = np.abs(b.templates[u]).max(axis=0) > 0
+        if s.size < b.config.cluster.min_cluster_size:
+            np.testing.assert_array_equal(got[u], b.templates[u])
+            continue
+        mean = f[s[:, None] + np.arange(length)[None, :]].mean(axis=0)
+        np.testing.assert_allclose(got[u][:, on], mean[:, on], atol=1e-3)
+        assert not got[u][:, ~on].any()
+    assert sum(c >= b.config.cluster.min_cluster_size for c in counts) >= 6, counts
 
 
 @pytest.mark.parametrize("features", ["transformer", "pca"])

@@ -8,7 +8,10 @@ least ``min_cluster_size`` spikes, so merges, splits and reassignments all
 carry over; pairs in a "noise" cluster keep a centroid labelled -1, so the
 runtime leaves such spikes unassigned instead of handing them to a
 neighbour. Units are renumbered 0..n-1 in the order of their Phy cluster ids;
-each unit row records its ``phy_cluster`` and ``phy_group``.
+each unit row records its ``phy_cluster`` and ``phy_group``. The curated
+templates are then re-estimated from the curated bundle's own sort, as
+training's are (``train.template_rounds``); the unit table keeps the metrics
+of the curated labels.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..io.phy import manifest_digest, read_curation
 from ..pipeline import make_featurizer, spikes_kept
 from ..types import TAIL
 from .cluster import centroids_and_radii, label_spikes
-from .train import emitted_snippets, encode_all, late_events, late_templates, unit_table
+from .train import emitted_snippets, encode_all, late_events, late_templates, refined_templates, unit_table
 
 log = logging.getLogger("rtsort.train")
 
@@ -109,11 +112,12 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
                "noise_clusters": sorted(int(c) for c in np.unique(clusters) if groups.get(int(c)) == NOISE),
                "centroids": n_groups, "tail_centroids": int(tails.sum()),
                "unassigned_fraction": float(np.mean(labels[now] < 0))}
-    training = dict(b.manifest.get("training", {}))
-    training["curation"] = summary
-    save_bundle(out_dir, config=b.config, sampling_rate=b.sampling_rate, probe=b.probe, noise_levels=b.noise_levels,
-                encoder_file=b.encoder_path, centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius,
-                templates=templates, features=b.features, units=units, training=training,
-                gain_to_uV=b.gain_to_uV)
+    contents = b.contents()
+    contents["training"]["curation"] = summary
+    contents.update(centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius, templates=templates,
+                    units=units)
+    if b.config.train.template_rounds and len(kept):  # as training: from the curated bundle's own sort
+        contents["templates"] = refined_templates(recording, contents, b.config.train.template_rounds, progress)
+    save_bundle(out_dir, **contents)
     log.info("curated bundle written to %s: %d units -> %d, %d centroids", out_dir, b.n_units, len(kept), n_groups)
     return summary

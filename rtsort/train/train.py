@@ -5,6 +5,15 @@ front end cuts the snippets, the exported ONNX encoder (not torch) computes
 the features that are clustered, and the runtime's assigner gives the labels
 the quality metrics are computed on. What the bundle says about its units is
 what the runtime will do.
+
+The templates are made twice. The clusters' means come from the spikes deep
+enough to be clustered, which for a weak unit means its spikes that noise
+pushed over the threshold (too big on the peak channel) and a few of its
+neighbours'. So the bundle first written with them sorts the training
+recording through the runtime's pipeline, and each unit's template becomes
+the mean filtered signal at the spikes that sort gives it, at every size
+(``train.template_rounds``, :func:`refined_templates`); the labels and
+metrics are then those of the templates kept.
 """
 
 from __future__ import annotations
@@ -19,12 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..assign import make_assigner, template_channels
-from ..bundle import save_bundle
+from ..bundle import load_bundle, save_bundle
 from ..config import Config
 from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import FrontEnd, filtered_chunks, snippets_recording
-from ..pipeline import late_phase, labelled, spikes_kept
+from ..pipeline import late_phase, labelled, sort_recording, spikes_kept
 from ..types import TAIL
 from .cluster import cluster, drift_merges, label_spikes, tail_units, templates_on_probe
 from .metrics import unit_metrics
@@ -33,7 +42,7 @@ log = logging.getLogger("rtsort.train")
 
 MIN_SPIKES = 100
 ENCODE_BATCH = 4096
-TAIL_BATCH = 512  # late_templates sums this many spikes' tails at a time
+WINDOW_BATCH = 512  # window_means sums this many windows at a time
 
 
 @dataclass
@@ -62,6 +71,48 @@ def encode_all(featurizer: Featurizer, waveforms: np.ndarray, channels: np.ndarr
     return np.concatenate(lat), np.concatenate(loc)
 
 
+def window_means(recording, config: Config, noise: np.ndarray, starts: np.ndarray, units: np.ndarray,
+                 templates: np.ndarray, length: int, progress: bool = True, desc: str = "templates"):
+    """Each unit's mean of the filtered recording over ``length`` samples from each of its ``starts``, on its
+    template's channels (the others stay 0), in one pass through the runtime's preprocessor: ((units, length,
+    C) float32, how many windows each mean holds (units,)). Windows past the recording's end are left out."""
+    fs = recording.sampling_rate
+    n_units, _, n_ch = templates.shape
+    order = np.argsort(starts, kind="stable")
+    start = np.asarray(starts, np.int64)[order]
+    unit = np.asarray(units, np.int64)[order]
+    ok = start >= 0
+    start, unit = start[ok], unit[ok]
+    unit_ch, n_unit_ch = template_channels(templates)  # each template's channels, the only ones summed
+    sums = np.zeros((n_units, length, unit_ch.shape[1]), np.float64)
+    counts = np.bincount(unit, minlength=n_units)
+    pre = FrontEnd.for_recording(config, recording, noise_levels=noise, snippets=False).preprocessor
+    carry = np.zeros((0, n_ch), np.float32)
+    first, done = 0, 0  # the absolute sample of carry's first row; the windows added so far
+    with tqdm(total=recording.n_samples, desc=desc, unit="sample", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for n, filtered in filtered_chunks(pre, recording, int(fs)):
+            buf = np.concatenate([carry, filtered])
+            end = first + buf.shape[0]
+            ready = done + int(np.searchsorted(start[done:], end - length, side="right"))
+            for i in range(done, ready, WINDOW_BATCH):  # the windows now wholly in buf (later ones start after carry)
+                by_unit = i + np.argsort(unit[i : min(i + WINDOW_BATCH, ready)], kind="stable")
+                rows = (start[by_unit] - first)[:, None, None] + np.arange(length)[None, :, None]
+                windows = buf[rows, np.maximum(unit_ch[unit[by_unit]], 0)[:, None, :]]  # (k, length, K)
+                here, at = np.unique(unit[by_unit], return_index=True)
+                sums[here] += np.add.reduceat(windows, at, axis=0)
+            done = ready
+            carry = buf[-length:].copy() if buf.shape[0] > length else buf.copy()
+            first = end - carry.shape[0]
+            bar.update(n)
+    counts -= np.bincount(unit[done:], minlength=n_units)  # windows past the recording's end
+    mean = sums / np.maximum(counts, 1)[:, None, None]
+    out = np.zeros((n_units, length, n_ch), np.float32)
+    for u, k in enumerate(n_unit_ch):
+        out[u][:, unit_ch[u, :k]] = mean[u, :, :k]
+    return out, counts
+
+
 def late_templates(recording, config: Config, noise: np.ndarray, events, labels, templates: np.ndarray,
                    n_before: int, progress: bool = True) -> np.ndarray:
     """``templates`` (units, T, C) in uV extended to ``assign.subtract_ms_after`` after the trough: each unit's
@@ -71,45 +122,43 @@ def late_templates(recording, config: Config, noise: np.ndarray, events, labels,
     the whole template, so the residual the search looks at no longer holds it. One more pass over the
     recording through the runtime's preprocessor.
     """
-    fs = recording.sampling_rate
-    n_units, t_len, n_ch = templates.shape
-    length = max(t_len, n_before + int(round(config.assign.subtract_ms_after * fs / 1000.0)) + 1)
+    n_units, t_len, _ = templates.shape
+    length = max(t_len, n_before + int(round(config.assign.subtract_ms_after * recording.sampling_rate / 1000.0)) + 1)
     if length == t_len or n_units == 0 or not config.assign.peel:
         return templates
     m = labels >= 0
-    order = np.argsort(events["sample_index"][m], kind="stable")
-    start = (events["sample_index"][m] - n_before + t_len)[order]  # where each tail starts (sorted)
-    unit = labels[m][order].astype(np.int64)
-    extra = length - t_len
-    unit_ch, n_unit_ch = template_channels(templates)  # each template's channels, the only ones summed
-    sums = np.zeros((n_units, extra, unit_ch.shape[1]), np.float64)
-    counts = np.bincount(unit, minlength=n_units)
-    pre = FrontEnd.for_recording(config, recording, noise_levels=noise, snippets=False).preprocessor
-    chunk = int(fs)
-    carry = np.zeros((0, n_ch), np.float32)
-    first, done = 0, 0  # the absolute sample of carry's first row; the tails added so far
-    with tqdm(total=recording.n_samples, desc="templates", unit="sample", unit_scale=True, disable=not progress,
-              leave=False) as bar:
-        for n, filtered in filtered_chunks(pre, recording, chunk):
-            buf = np.concatenate([carry, filtered])
-            end = first + buf.shape[0]
-            ready = done + int(np.searchsorted(start[done:], end - extra, side="right"))
-            for i in range(done, ready, TAIL_BATCH):  # the tails now wholly in buf (later ones start after carry)
-                by_unit = i + np.argsort(unit[i : min(i + TAIL_BATCH, ready)], kind="stable")
-                rows = (start[by_unit] - first)[:, None, None] + np.arange(extra)[None, :, None]
-                windows = buf[rows, np.maximum(unit_ch[unit[by_unit]], 0)[:, None, :]]  # (k, extra, K)
-                units, at = np.unique(unit[by_unit], return_index=True)
-                sums[units] += np.add.reduceat(windows, at, axis=0)
-            done = ready
-            carry = buf[-extra:].copy() if buf.shape[0] > extra else buf.copy()
-            first = end - carry.shape[0]
-            bar.update(n)
-    counts -= np.bincount(unit[done:], minlength=n_units)  # tails past the recording's end
-    mean = sums / np.maximum(counts, 1)[:, None, None]
-    tail = np.zeros((n_units, extra, n_ch), np.float32)
-    for u, k in enumerate(n_unit_ch):
-        tail[u][:, unit_ch[u, :k]] = mean[u, :, :k]
+    tail, _ = window_means(recording, config, noise, events["sample_index"][m] - n_before + t_len, labels[m],
+                           templates, length - t_len, progress)
     return np.concatenate([templates, tail], axis=1)
+
+
+def refined_templates(recording, bundle: dict, rounds: int, progress: bool = True) -> np.ndarray:
+    """The templates of a bundle (``save_bundle``'s arguments) re-estimated ``rounds`` times from what the
+    bundle itself sorts: each unit's mean of the filtered recording at the spikes the runtime gives it.
+
+    The clusters' means come from the spikes deep enough to be clustered, so a
+    weak unit's template is too big on its peak channel (the noise that took
+    its spikes over the threshold) and holds some of its neighbours' spikes;
+    the sort's spikes, candidates and matches included, are its spikes at
+    every size. A unit the sort gives fewer than ``cluster.min_cluster_size``
+    spikes keeps its template.
+    """
+    templates = bundle["templates"]
+    config = bundle["config"]
+    n_before = int(bundle["features"]["n_before"])
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_bundle(tmp, **{"units": [{"unit": u} for u in range(templates.shape[0])], "training": {}, **bundle,
+                                "templates": templates})
+            spikes, _ = sort_recording(recording, load_bundle(tmp), progress=progress)
+        spikes = spikes[spikes["unit"] >= 0]
+        means, counts = window_means(recording, config, bundle["noise_levels"], spikes["sample_index"] - n_before,
+                                     spikes["unit"], templates, templates.shape[1], progress)
+        enough = counts >= config.cluster.min_cluster_size
+        templates = np.where(enough[:, None, None], means, templates).astype(np.float32)
+        log.info("templates re-estimated from the bundle's own sort (round %d of %d): %d spikes, %d of %d units",
+                 r + 1, rounds, spikes.size, int(enough.sum()), enough.size)
+    return templates
 
 
 def unit_table(labels, n_units: int, events, waveforms, channel_index, features, loc, noise, recording, seed: int):
@@ -265,10 +314,44 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
                                              channels, snip.channel_index, noise[1], n_units, config.assign)
             spike = labels != TAIL
             tail_events = events[~spike]
-            events, waveforms, features, loc, labels = (a[spike] for a in (events, waveforms, features, loc, labels))
+            events, waveforms, xn, features, loc, labels = (a[spike] for a in (events, waveforms, xn, features, loc,
+                                                                            labels))
             log.info("%d events of %d tail units are not spikes", int(np.count_nonzero(~spike)), int(tail.sum()))
-        assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates, noise[1], snip.channel_index,
-                                 config.assign, 0.0)
+        features_meta = {
+            "kind": config.train.features,
+            "latent_dim": int(encoder.latent_dim),
+            "latent_scale": float(featurizer.latent_scale),
+            "position_scale_um": float(config.cluster.position_scale_um),
+            "n_samples": int(snip.n_samples),
+            "n_snippet_channels": int(snip.k_channels),
+            "n_before": int(snip.nbefore),
+        }
+        # the bundle's templates: the spikes' means reaching the late phase, then re-estimated from the bundle's own
+        # sort of this recording
+        t4 = time.perf_counter()
+        templates = late_templates(recording, config, noise, events, labels, templates, snip.nbefore, progress)
+        timings["templates_s"] = time.perf_counter() - t4
+        bundle = dict(config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
+                      noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
+                      centroid_unit=centroid_unit, centroid_radius=clu.radius, templates=templates,
+                      features=features_meta, gain_to_uV=float(np.mean(recording.gains_to_uV)))
+        t5 = time.perf_counter()
+        if n_units and config.train.template_rounds:
+            templates = bundle["templates"] = refined_templates(recording, bundle, config.train.template_rounds,
+                                                                progress)
+            # the runtime's labels with the templates kept: the spikes' again, then the candidates they claim
+            assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples],
+                                     noise[1], snip.channel_index, config.assign, 0.0)
+            labels = assigner.label(features, xn, events["channel"], np.ones(events.size, bool))[0]
+            spike = labels != TAIL  # (the centroids decide a tail, as before: none is expected)
+            if not spike.all():
+                tail_events = np.concatenate([tail_events, events[~spike]])
+                events, waveforms, features, loc, labels = (a[spike] for a in (events, waveforms, features, loc,
+                                                                                labels))
+        else:
+            assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples],
+                                     noise[1], snip.channel_index, config.assign, 0.0)
+        timings["refine_s"] = time.perf_counter() - t5
         c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress)
         n_claimed = c_ev.size
         log.info("%d candidates claimed by a unit's template", n_claimed)
@@ -286,18 +369,6 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         units, _ = unit_table(labels, n_units, events, waveforms, snip.channel_index, features, loc, noise,
                               recording, seed)
         spikes = labelled(events, labels, np.zeros(events.size, np.float32))
-        t4 = time.perf_counter()
-        templates = late_templates(recording, config, noise, events, labels, templates, snip.nbefore, progress)
-        timings["templates_s"] = time.perf_counter() - t4
-        features_meta = {
-            "kind": config.train.features,
-            "latent_dim": int(encoder.latent_dim),
-            "latent_scale": float(featurizer.latent_scale),
-            "position_scale_um": float(config.cluster.position_scale_um),
-            "n_samples": int(snip.n_samples),
-            "n_snippet_channels": int(snip.k_channels),
-            "n_before": int(snip.nbefore),
-        }
         timings["total_s"] = time.perf_counter() - t0
         training = {
             "recording": str(recording.source),
@@ -311,10 +382,6 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             "history": history,
             "timings_s": timings,
         }
-        save_bundle(out_dir, config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
-                    noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
-                    centroid_unit=centroid_unit, centroid_radius=clu.radius,
-                    templates=templates, features=features_meta, units=units, training=training,
-                    gain_to_uV=float(np.mean(recording.gains_to_uV)))
+        save_bundle(out_dir, units=units, training=training, **bundle)
     log.info("bundle written to %s: %d units in %.1f s", out_dir, n_units, timings["total_s"])
     return TrainResult(out_dir, units, spikes, timings, history)
