@@ -93,7 +93,10 @@ class LslSource:
         first = self.next_sample
         self.next_sample += n
         self.last_ts = float(ts[-1])
-        return Chunk(samples, first_sample=first, timestamp=float(ts[0]))
+        # samples[0]'s time as the last sample's stamp says it: a pull may join pushes of a stream sent faster
+        # than real time (a replay at --speed 3), whose first stamp, counted on at the sampling rate, would put
+        # the last sample in the future
+        return Chunk(samples, first_sample=first, timestamp=float(ts[-1]) - (n - 1) / self.sampling_rate)
 
     def close(self) -> None:
         self.inlet.close_stream()
