@@ -276,6 +276,11 @@ class TemplateMatcher:
         For candidates: the most mean squared residual per sample (noise units; noise alone gives 1) the best
         fit may leave, so the tail of another unit's spike that happens to correlate with a small template
         is not claimed (inf: no limit).
+    max_footprint, footprint_of_fit : float
+        With ``max_residual`` (for candidates): the most squared residual per snippet channel, projected on the
+        chosen template's time course (``protos``, its peak channel's of unit norm; noise alone gives 1), plus
+        ``footprint_of_fit`` x the fit's energy, so a neighbour's spike on channels in other proportions is
+        not claimed (inf: no limit).
     """
 
     def __init__(self, templates, voltage_noise, channel_index, max_shift: int = 1, min_snr: float = 10.0,
