@@ -10,8 +10,8 @@ runtime leaves such spikes unassigned instead of handing them to a
 neighbour. Units are renumbered 0..n-1 in the order of their Phy cluster ids;
 each unit row records its ``phy_cluster`` and ``phy_group``. The curated
 templates are then re-estimated from the curated bundle's own sort, as
-training's are (``train.template_rounds``); the unit table keeps the metrics
-of the curated labels.
+training's are (``train.template_rounds``), and the unit table's metrics are
+those of the labels the curated bundle gives with them.
 """
 
 from __future__ import annotations
@@ -98,13 +98,31 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     centroid_unit = np.concatenate([centroid_unit, b.centroid_unit[tails]]).astype(np.int32)
     labels, templates = label_spikes(centroids, centroid_unit, radius, features, waveforms, xn, events["channel"],
                                      ci, b.noise_levels[1], len(kept), b.config.assign, np.flatnonzero(deep))
-    now = spikes_kept(deep, labels)  # what the curated bundle will emit: not the late phases its templates leave
-    curated = make_assigner(centroids, centroid_unit, radius, templates, b.noise_levels[1], ci, b.config.assign, 0.0)
-    now &= ~late_events(events, waveforms, features, labels, events[:0], fe, curated, b.config)
-    units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
-                          b.noise_levels, recording, 0)
+    t_len = fe.snippets.n_samples
+
+    def assigner(templates):
+        return make_assigner(centroids, centroid_unit, radius, templates[:, :t_len], b.noise_levels[1], ci,
+                             b.config.assign, 0.0)
+
+    def emitted(labels, curated):  # which events the curated bundle emits: not the late phases it leaves
+        return spikes_kept(deep, labels) & ~late_events(events, waveforms, features, labels, events[:0], fe,
+                                                         curated, b.config)
+
+    now = emitted(labels, assigner(templates))
     templates = late_templates(recording, b.config, b.noise_levels, events[now], labels[now], templates,
                                fe.snippets.nbefore, progress)
+    contents = b.contents()
+    contents.update(centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius, templates=templates,
+                    units=[{"unit": u} for u in range(len(kept))])
+    if b.config.train.template_rounds and len(kept):  # as training: from the curated bundle's own sort
+        templates = contents["templates"] = refined_templates(recording, contents, b.config.train.template_rounds,
+                                                              progress)
+        # the runtime's labels with the templates kept (the spikes Phy showed; candidates as they were claimed)
+        curated = assigner(templates)
+        labels = curated.label(features[deep], xn, events["channel"], deep)[0]
+        now = emitted(labels, curated)
+    units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
+                          b.noise_levels, recording, 0)
     for row, c in zip(units, kept):
         row["phy_cluster"] = int(c)
         row["phy_group"] = groups.get(int(c), "unsorted")
@@ -112,12 +130,8 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
                "noise_clusters": sorted(int(c) for c in np.unique(clusters) if groups.get(int(c)) == NOISE),
                "centroids": n_groups, "tail_centroids": int(tails.sum()),
                "unassigned_fraction": float(np.mean(labels[now] < 0))}
-    contents = b.contents()
     contents["training"]["curation"] = summary
-    contents.update(centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius, templates=templates,
-                    units=units)
-    if b.config.train.template_rounds and len(kept):  # as training: from the curated bundle's own sort
-        contents["templates"] = refined_templates(recording, contents, b.config.train.template_rounds, progress)
+    contents["units"] = units
     save_bundle(out_dir, **contents)
     log.info("curated bundle written to %s: %d units -> %d, %d centroids", out_dir, b.n_units, len(kept), n_groups)
     return summary
