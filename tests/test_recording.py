@@ -100,6 +100,45 @@ def test_spikeinterface_folder(tmp_path):
     np.testing.assert_allclose(r.probe.positions_um, rec.get_channel_locations())
 
 
+def _write_spikeglx(folder, data, fs=30000.0):
+    """A Neuropixels 1.0 SpikeGLX run as SpikeGLX writes it: int16 AP channels then the sync channel, and the
+    .meta that says which of the probe's 384 sites they are (bank 0, gain 500)."""
+    folder.mkdir(parents=True)
+    n_samples, n_ap = data.shape
+    raw = np.concatenate([data, np.zeros((n_samples, 1), np.int16)], axis=1)
+    path = folder / "run_g0_t0.imec0.ap.bin"
+    raw.tofile(path)
+    sites = "".join(f"({i} 0 0 500 250 1)" for i in range(384))
+    chans = "".join(f"(AP{i};{i}:{i})" for i in range(n_ap)) + "(SY0;384:384)"
+    meta = [f"fileName={path}", "typeThis=imec", f"imSampRate={fs:g}", f"nSavedChans={n_ap + 1}",
+            f"fileSizeBytes={path.stat().st_size}", f"fileTimeSecs={n_samples / fs}", "firstSample=0",
+            "acqApLfSy=384,384,1", f"snsApLfSy={n_ap},0,1", "imAiRangeMax=0.6", "imAiRangeMin=-0.6",
+            "imMaxInt=512", "imDatPrb_type=0", "imDatPrb_pn=NP1000", f"snsSaveChanSubset=0:{n_ap - 1},384",
+            f"~imroTbl=(0,384){sites}", f"~snsChanMap=(384,384,1){chans}"]
+    path.with_suffix(".meta").write_text("\n".join(meta) + "\n")
+    return path
+
+
+def test_spikeglx_run_folder_and_its_ap_file(tmp_path):
+    """A Neuropixels recording as SpikeGLX saves it opens from its folder or from its .imec0.ap.bin: the AP
+    channels' samples (not the sync channel), the gain to uV from the .meta, the probe's site positions."""
+    pytest.importorskip("spikeinterface.extractors")
+    data = np.random.default_rng(0).integers(-300, 300, size=(6000, 8)).astype(np.int16)
+    path = _write_spikeglx(tmp_path / "run_g0", data)
+    for where in (path.parent, path):
+        r = open_recording(where)
+        assert (r.n_channels, r.sampling_rate, r.n_samples) == (8, 30000.0, 6000)
+        np.testing.assert_array_equal(r.get_traces(0, r.n_samples), data)
+        np.testing.assert_array_equal(np.concatenate([c.samples for c in r.iter_chunks(1000)]), data)
+        np.testing.assert_allclose(r.gains_to_uV, 0.6 / 512 / 500 * 1e6)  # 2.34 uV per bit
+        # Neuropixels 1.0's staggered sites: two per row, 20 um apart
+        np.testing.assert_allclose(r.probe.positions_um[:4], [[16, 0], [48, 0], [0, 20], [32, 20]])
+    meta = path.with_suffix(".meta")
+    meta.write_text("\n".join(line for line in meta.read_text().splitlines() if "imroTbl" not in line))
+    with pytest.raises(RecordingError, match="could not read it"):
+        open_recording(path)
+
+
 def test_unknown_format(tmp_path):
     (tmp_path / "x.dat").write_bytes(b"\0" * 16)
     with pytest.raises(RecordingError, match="unknown recording format"):

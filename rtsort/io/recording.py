@@ -279,6 +279,11 @@ def _read_with_spikeinterface(path: Path):
         if any(path.rglob("structure.oebin")) or any(path.rglob("settings.xml")):
             return se.read_openephys(path)
         raise RecordingError(f"{path}: folder is not a SpikeInterface, SpikeGLX or Open Ephys recording")
+    if name.endswith(".bin") and path.with_suffix(".meta").exists():  # one SpikeGLX stream: X.imec0.ap.bin
+        stream = ".".join(path.stem.split(".")[1:])
+        if not stream:
+            raise RecordingError(f"{path}: a SpikeGLX file is named RUN_gN_tN.imecN.ap.bin (or .lf, .nidq)")
+        return se.read_spikeglx(path.parent, stream_id=stream)
     if name.endswith(".nwb"):
         return se.read_nwb_recording(path)
     if name.endswith((".rhd", ".rhs")):
@@ -287,7 +292,7 @@ def _read_with_spikeinterface(path: Path):
         return se.read_maxwell(path)
     raise RecordingError(
         f"{path}: unknown recording format (expected X.bin + X.json, a SpikeInterface folder, "
-        "SpikeGLX, Open Ephys, NWB, Intan or Maxwell)"
+        "SpikeGLX (its folder or an X.imec0.ap.bin with its .meta), Open Ephys, NWB, Intan or Maxwell)"
     )
 
 
@@ -312,7 +317,7 @@ def open_recording(path: str | Path) -> Recording:
         raise RecordingError(f"{path}: recording not found")
     if path.suffix in (".bin", ".json") and _sidecar_path(path).exists():
         return BinaryRecording(path)
-    if path.suffix == ".bin":
+    if path.suffix == ".bin" and not path.with_suffix(".meta").exists():
         read_sidecar(path)  # raises the sidecar's own error
     try:
         si_rec = _read_with_spikeinterface(path)
