@@ -139,6 +139,36 @@ def test_spikeglx_run_folder_and_its_ap_file(tmp_path):
         open_recording(path)
 
 
+def test_open_ephys_binary_folder(tmp_path, caplog):
+    """An Open Ephys (binary format) recording opens from its folder: its int16 samples, the bit_volts gain of
+    structure.oebin; without a probe in the file, a linear layout and a warning that says so."""
+    pytest.importorskip("spikeinterface.extractors")
+    n_samples, n_ch = 6000, 8
+    rec = tmp_path / "oe" / "Record Node 101" / "experiment1" / "recording1"
+    cont = rec / "continuous" / "Acquisition_Board-100.Rhythm Data"
+    cont.mkdir(parents=True)
+    data = np.random.default_rng(1).integers(-300, 300, size=(n_samples, n_ch)).astype(np.int16)
+    data.tofile(cont / "continuous.dat")
+    np.save(cont / "sample_numbers.npy", np.arange(1000, 1000 + n_samples, dtype=np.int64))
+    np.save(cont / "timestamps.npy", np.arange(1000, 1000 + n_samples) / 30000.0)
+    channels = [{"channel_name": f"CH{i + 1}", "description": "", "identifier": "", "history": "",
+                 "bit_volts": 0.195, "units": "uV", "source_processor_index": i, "recorded_processor_index": i}
+                for i in range(n_ch)]
+    stream = {"folder_name": "Acquisition_Board-100.Rhythm Data/", "sample_rate": 30000.0,
+              "source_processor_name": "Acquisition Board", "source_processor_id": 100,
+              "stream_name": "Rhythm Data", "recorded_processor": "Acquisition Board", "recorded_processor_id": 100,
+              "num_channels": n_ch, "channels": channels}
+    (rec / "structure.oebin").write_text(json.dumps({"GUI version": "0.6.4", "continuous": [stream], "events": [],
+                                                     "spikes": []}))
+    with caplog.at_level("WARNING", logger="rtsort.io"):
+        r = open_recording(tmp_path / "oe")
+    assert (r.n_channels, r.sampling_rate, r.n_samples) == (n_ch, 30000.0, n_samples)
+    np.testing.assert_array_equal(r.get_traces(0, n_samples), data)
+    np.testing.assert_allclose(r.gains_to_uV, 0.195)
+    np.testing.assert_allclose(r.probe.positions_um[:, 1], 20.0 * np.arange(n_ch))
+    assert "no channel positions" in caplog.text
+
+
 def test_unknown_format(tmp_path):
     (tmp_path / "x.dat").write_bytes(b"\0" * 16)
     with pytest.raises(RecordingError, match="unknown recording format"):

@@ -8,6 +8,7 @@ memory-mapped and read in chunks; nothing loads the whole recording.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,6 +17,8 @@ import numpy as np
 
 from ..errors import RecordingError
 from ..types import Chunk, Probe
+
+log = logging.getLogger("rtsort.io")
 
 #: dtypes a raw recording may hold.
 SUPPORTED_DTYPES = ("int16", "uint16", "int32", "float32", "float64")
@@ -255,6 +258,10 @@ class SpikeInterfaceRecording(Recording):
             positions = si_recording.get_channel_locations()
         except Exception:  # no probe attached: a linear layout, 20 um pitch
             positions = np.column_stack([np.zeros(self.n_channels), 20.0 * np.arange(self.n_channels)])
+            log.warning("%s: the file gives no channel positions; assuming a linear probe, 20 um apart. If that is "
+                        "not the probe, snippets and spike positions are wrong: attach its geometry with "
+                        "probeinterface and save a SpikeInterface folder, or write X.bin + X.json with "
+                        "channel_positions_um", source)
         self.probe = Probe(np.asarray(positions, dtype=float), tuple(str(c) for c in si_recording.channel_ids))
 
     def get_traces(self, start: int, stop: int) -> np.ndarray:
