@@ -22,7 +22,7 @@ least ``assign.template_min_scale``, is the best of every unit within
 event (first pass, peeled, matched before, or a tail) lies within
 ``DUPLICATE_SAMPLES`` and ``DUPLICATE_UM`` of it (the same event seen
 again), its unit has no known spike from ``REFRACTORY_SAMPLES`` before it
-to ``QUIET_AFTER`` after, and its
+to ``SAME_UNIT_AFTER`` after, and its
 template's fit to the residual passes the candidates' residual and
 footprint rules (``assign.candidate_max_residual``,
 ``assign.candidate_max_footprint``): what a subtraction left, or the late
@@ -62,11 +62,11 @@ _PENDING = np.dtype([("start", np.int64), ("unit", np.int32), ("scale", np.float
 REFRACTORY_SAMPLES = 45  # 1.5 ms at 30 kHz: a unit does not fire twice this close (scaled to the sampling rate)
 # the search (samples at 30 kHz, scaled to the sampling rate): a match is the best within SEARCH_PEAK_SAMPLES of
 # every unit whose peak channel lies within SEARCH_COMPETE_UM, and its unit has no known spike from
-# REFRACTORY_SAMPLES before it to QUIET_AFTER after (measured on tools/compare.py's recordings)
+# REFRACTORY_SAMPLES before it to SAME_UNIT_AFTER after (measured on tools/compare.py's recordings)
 SEARCH_PEAK_SAMPLES = 20
 SEARCH_COMPETE_UM = 60.0
 SEARCH_ENERGY = 0.97  # the share of a template's energy the matched filter keeps (channels, then samples)
-QUIET_AFTER = 10
+SAME_UNIT_AFTER = 10
 _FIRST_PASS, _LATER = 0, 1  # where a known spike came from (the second pass's rules look at the first pass's only)
 _TILE = 256  # window starts per block of the matched filter
 
@@ -273,7 +273,7 @@ class Peeler:
             return max(1, int(round(n * front.sampling_rate / 30000.0)))
 
         self.peak_half = samples(SEARCH_PEAK_SAMPLES)
-        self.quiet_after = samples(QUIET_AFTER)
+        self.same_unit_after = samples(SAME_UNIT_AFTER)
         tm = matcher.templates  # (U, T, C), noise units
         # a unit whose template at the smallest scale a match may have is still amp_threshold deep is always the
         # detector's spike: only the others can hide under its thresholds, and only they are searched
@@ -317,9 +317,9 @@ class Peeler:
         self._near = padded_rows([np.flatnonzero(row <= SEARCH_COMPETE_UM) for row in d], np.int64)
         self._inv_noise = (1.0 / self.noise[1]).astype(np.float32)
         # a match at window start t is decided once the matched filters reach t + peak_half and every spike found
-        # elsewhere up to its trough + quiet_after has been found
+        # elsewhere up to its trough + same_unit_after has been found
         t_len = tm.shape[1]
-        self._search_lag = max(t_len - 1 + self.peak_half, self.snippets.max_wait + self.nbefore + self.quiet_after)
+        self._search_lag = max(t_len - 1 + self.peak_half, self.snippets.max_wait + self.nbefore + self.same_unit_after)
 
     @property
     def max_wait(self) -> int:
@@ -491,11 +491,9 @@ class Peeler:
         u = self._search_units[u]  # the searched units' numbers
         # the candidates' residual rule, on the residual's snippet at the match (the matched filter was the gate)
         cix = self.matcher.channel_index[channels]  # (k, K)
-        rows = (t - d_lo)[:, None, None] + np.arange(t_len)[None, :, None]  # in self._hist, then the block
-        cols = cix[:, None, :]
-        old = rows < hist.shape[0]
-        wf = np.where(old, hist[np.minimum(rows, max(hist.shape[0] - 1, 0)), cols] if hist.shape[0] else 0.0,
-                      residual[np.maximum(rows - hist.shape[0], 0), cols])
+        lo = int(t.min()) - d_lo  # the residual from the earliest match on: hist's last rows, then the block
+        src = np.concatenate([hist[lo:], residual]) if lo < hist.shape[0] else residual[lo - hist.shape[0] :]
+        wf = src[(t - d_lo - lo)[:, None, None] + np.arange(t_len)[None, :, None], cix[:, None, :]]
         xn = (wf * self._inv_noise[cix][:, None, :]).astype(np.float32)
         fit = np.zeros(t.size, np.int32)
         self.matcher.match(xn, channels, u[:, None].astype(np.int32), fit, gates=False)
@@ -504,7 +502,7 @@ class Peeler:
         # a known event in the same place (a tail, what a subtraction left) or its own unit's spike rules it out
         _clear(samples, channels, u, np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]),
                np.ascontiguousarray(r[:, 2]), self.positions, DUPLICATE_SAMPLES, DUPLICATE_SAMPLES, DUPLICATE_UM,
-               self.refractory, self.quiet_after, True, keep)
+               self.refractory, self.same_unit_after, True, keep)
         ev = np.zeros(int(keep.sum()), EVENT_DTYPE)
         ev["sample_index"] = samples[keep]
         ev["channel"] = channels[keep]

@@ -303,7 +303,6 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     # constant memory over hours of a live run; peeled spikes (collisions, matches) wait for the residual: apart
     compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait = (Distribution() for _ in range(7))
     stages = [Distribution() for _ in STAGES]
-    compute_s = 0.0
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     expected = None
     last_data = time.monotonic()
@@ -357,9 +356,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 wait.add(waits[:k])
                 peeled_wait.add(waits[k:])
             sink_ns.add_one(time.perf_counter_ns() - t1)
-            dt = time.perf_counter() - t0
-            compute.add_one(dt)
-            compute_s += dt
+            compute.add_one(time.perf_counter() - t0)
             for d, ns in zip(stages, pipe.stage_ns.tolist()):
                 d.add_one(ns)
             counts["chunks"] += 1
@@ -379,7 +376,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     counts["source_gaps"] = len(getattr(src, "gaps", []))
     counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
     stats = {**counts,
-             "compute_s_total": compute_s,
+             "compute_s_total": compute.total,
              "compute_ms": compute.percentiles(1000.0),
              "stage_ms": {name: d.percentiles(1e-6) for name, d in zip(STAGES, stages)},
              "sink_ms": sink_ns.percentiles(1e-6),

@@ -70,6 +70,12 @@ class Distribution:
                 hist += np.bincount(i, minlength=self._n_bins)
         self._zero += int(np.count_nonzero(v == 0))
 
+    @property
+    def total(self) -> float:
+        """The exact sum of the (finite) values."""
+        self._flush()
+        return self._sum
+
     def percentiles(self, scale: float = 1.0) -> dict:
         """p50 / p90 / p99 / p99.9 / max and mean x ``scale``, as :func:`percentiles` gives ({} when empty)."""
         self._flush()

@@ -112,8 +112,7 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     templates = late_templates(recording, b.config, b.noise_levels, events[now], labels[now], templates,
                                fe.snippets.nbefore, progress)
     contents = b.contents()
-    contents.update(centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius, templates=templates,
-                    units=[{"unit": u} for u in range(len(kept))])
+    contents.update(centroids=centroids, centroid_unit=centroid_unit, centroid_radius=radius, templates=templates)
     if b.config.train.template_rounds and len(kept):  # as training: from the curated bundle's own sort
         templates = contents["templates"] = refined_templates(recording, contents, b.config.train.template_rounds,
                                                               progress)

@@ -148,7 +148,8 @@ def refined_templates(recording, bundle: dict, rounds: int, progress: bool = Tru
     n_before = int(bundle["features"]["n_before"])
     for r in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            save_bundle(tmp, **{"units": [{"unit": u} for u in range(templates.shape[0])], "training": {}, **bundle,
+            # the sort reads no unit table: a placeholder, whatever the caller's (curation's old one has other units)
+            save_bundle(tmp, **{**bundle, "units": [{"unit": u} for u in range(templates.shape[0])], "training": {},
                                 "templates": templates})
             spikes, _ = sort_recording(recording, load_bundle(tmp), progress=progress)
         spikes = spikes[spikes["unit"] >= 0]
@@ -336,21 +337,15 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
                       centroid_unit=centroid_unit, centroid_radius=clu.radius, templates=templates,
                       features=features_meta, gain_to_uV=float(np.mean(recording.gains_to_uV)))
         t5 = time.perf_counter()
-        if n_units and config.train.template_rounds:
+        refine = bool(n_units and config.train.template_rounds)
+        if refine:
             templates = bundle["templates"] = refined_templates(recording, bundle, config.train.template_rounds,
                                                                 progress)
-            # the runtime's labels with the templates kept: the spikes' again, then the candidates they claim
-            assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples],
-                                     noise[1], snip.channel_index, config.assign, 0.0)
+        assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples], noise[1],
+                                 snip.channel_index, config.assign, 0.0)
+        if refine:  # the runtime's labels with the templates kept: the spikes' again, then the candidates they claim
+            # (the same centroids: an event nearest a tail's centroid was dropped above and none is now)
             labels = assigner.label(features, xn, events["channel"], np.ones(events.size, bool))[0]
-            spike = labels != TAIL  # (the centroids decide a tail, as before: none is expected)
-            if not spike.all():
-                tail_events = np.concatenate([tail_events, events[~spike]])
-                events, waveforms, features, loc, labels = (a[spike] for a in (events, waveforms, features, loc,
-                                                                                labels))
-        else:
-            assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples],
-                                     noise[1], snip.channel_index, config.assign, 0.0)
         timings["refine_s"] = time.perf_counter() - t5
         c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress)
         n_claimed = c_ev.size
