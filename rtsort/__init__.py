@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 logger = logging.getLogger("rtsort")
 logger.addHandler(logging.NullHandler())

@@ -27,8 +27,8 @@ time course (its peak channel's, of unit norm), may hold at most
 ``FOOTPRINT_OF_FIT`` of the fit's energy. A weak neighbour with no unit of
 its own, a few tens of micrometres away, has the same time course on
 channels in other proportions: the whole snippet's residual barely sees it
-(a few hundred samples of noise), these K projections do. README,
-"Labelling", has the figures.
+(a few hundred samples of noise), these K projections do.
+docs/configuration.md ([assign]) has the figures.
 
 The same late phase also crosses the spikes' threshold when the big unit
 drifts towards a channel: :class:`LatePhase` drops an event (spike or claimed
