@@ -385,6 +385,32 @@ def _cmd_curate(args) -> int:
     return 0
 
 
+def _add_export(sub):
+    p = sub.add_parser(
+        "export", formatter_class=_Formatter,
+        help="write a spikes file as NWB or as a SpikeInterface sorting",
+        description="Write SPIKES.npz with its bundle's units as an NWB file (pynwb: electrodes with their "
+                    "positions, a units table with spike times in seconds, peak electrode, mean waveform and "
+                    "the quality metrics as columns; needs the 'export' extra) or as a SpikeInterface sorting "
+                    "folder that spikeinterface.load reads (the unit table as unit properties; needs the "
+                    "'interop' extra). Unassigned spikes (-1) are not units and are left out.",
+    )
+    p.add_argument("spikes", type=Path, help="SPIKES.npz from 'rtsort sort' or 'rtsort run'")
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle that sorted it")
+    p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "OUT"),
+                   help="nwb OUT.nwb, or spikeinterface OUT_DIR")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .io.export import export_spikes
+
+    to, out = args.to
+    s = export_spikes(args.spikes, args.bundle, to, Path(out))
+    print(f"{s['assigned']} of {s['spikes']} spikes in {s['units']} units -> {s['out']} ({to})")
+    return 0
+
+
 # ---------------------------------------------------------------- run / replay
 def _add_run(sub):
     p = sub.add_parser(
@@ -398,9 +424,13 @@ def _add_run(sub):
                     "stamped with each trough's LSL time).",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory")
-    p.add_argument("--source", required=True, help="file:PATH, zmq:tcp://HOST:PORT or lsl:NAME")
+    p.add_argument("--source", required=True, help="file:PATH, zmq:tcp://HOST:PORT or lsl:NAME; "
+                                                   "zmq:tcp://HOST:5556?format=openephys reads the Open Ephys GUI's "
+                                                   "ZMQ Interface plugin")
     p.add_argument("--sink", action="append", default=[], help="file:SPIKES.npz, zmq:tcp://127.0.0.1:PORT or "
-                                                               "lsl:NAME (repeatable)")
+                                                               "lsl:NAME (repeatable); ?format=openephys on zmq: "
+                                                               "Event Broadcaster spike messages; ?format=string "
+                                                               "on lsl: the unit id as a text marker")
     p.add_argument("--duration", type=_positive_float, help="stop after this many seconds of samples")
     p.add_argument("--idle-timeout", type=_positive_float, help="stop after this many seconds without samples")
     p.add_argument("--chunk-ms", type=_positive_float, default=1.0, help="chunk length for file sources")
@@ -584,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_phy(sub)
     _add_curate(sub)
+    _add_export(sub)
     _add_run(sub)
     _add_replay(sub)
     _add_bench(sub)

@@ -1,4 +1,5 @@
-"""Sources and sinks named by URI: ``file:PATH``, ``zmq:tcp://127.0.0.1:PORT``, ``lsl:NAME``."""
+"""Sources and sinks named by URI: ``file:PATH``, ``zmq:tcp://127.0.0.1:PORT``, ``lsl:NAME``; a query
+``?format=...`` picks another wire format (:mod:`rtsort.streams.uri`)."""
 
 from __future__ import annotations
 
@@ -45,19 +46,29 @@ class FileSource:
 
 def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float = 1.0,
                 speed: float | None = None, gain_to_uV: float = 1.0, resolve_timeout: float = 5.0):
-    if uri.startswith("file:"):
+    """A source for ``uri``: ``file:PATH``, ``zmq:ADDRESS`` (``?format=openephys``: the Open Ephys ZMQ Interface
+    plugin) or ``lsl:NAME``."""
+    from .uri import split_uri
+
+    scheme, target, fmt = split_uri(uri, "source")
+    if scheme == "file":
         from ..io import open_recording
 
-        return FileSource(open_recording(uri[5:]), chunk_ms, speed)
-    if uri.startswith("zmq:"):
+        return FileSource(open_recording(target), chunk_ms, speed)
+    if scheme == "zmq":
+        if fmt == "openephys":
+            from .openephys import OpenEphysSource
+
+            return OpenEphysSource(target, n_channels, sampling_rate, timeout_s=0.2)
         from .zmq import ZmqSource
 
-        return ZmqSource(uri, n_channels, sampling_rate, timeout_s=0.2)
-    if uri.startswith("lsl:"):
+        return ZmqSource(target, n_channels, sampling_rate, timeout_s=0.2)
+    if scheme == "lsl":
         from .lsl import LslSource
 
-        return LslSource(uri[4:], n_channels, sampling_rate, resolve_timeout=resolve_timeout, gain_to_uV=gain_to_uV)
-    raise StreamFormatError(f"{uri}: unknown source; use file:PATH, zmq:tcp://HOST:PORT or lsl:NAME")
+        return LslSource(target, n_channels, sampling_rate, resolve_timeout=resolve_timeout, gain_to_uV=gain_to_uV)
+    raise StreamFormatError(f"{uri}: unknown source; use file:PATH, zmq:tcp://HOST:PORT[?format=openephys] or "
+                            "lsl:NAME")
 
 
 # the wire format's four fields first, then more
@@ -121,16 +132,26 @@ class CallbackSink:
 
 
 def open_sink(uri, sampling_rate: float):
+    """A sink for ``uri``: a callable, ``file:PATH.npz``, ``zmq:ADDRESS`` (``?format=openephys``: Event
+    Broadcaster spike messages) or ``lsl:NAME`` (``?format=string``: unit ids as text markers)."""
     if callable(uri):
         return CallbackSink(uri)
-    if uri.startswith("file:"):
+    from .uri import split_uri
+
+    scheme, target, fmt = split_uri(uri, "sink")
+    if scheme == "file":
         from .files import SpikeFileSink
 
-        return SpikeFileSink(uri[5:], sampling_rate)
-    if uri.startswith("zmq:"):
-        return ZmqSpikeSink(uri)
-    if uri.startswith("lsl:"):
-        from .lsl import LslMarkerSink
+        return SpikeFileSink(target, sampling_rate)
+    if scheme == "zmq":
+        if fmt == "openephys":
+            from .openephys import OpenEphysSpikeSink
 
-        return LslMarkerSink(uri[4:])
-    raise StreamFormatError(f"{uri}: unknown sink; use file:PATH.npz, zmq:tcp://127.0.0.1:PORT or lsl:NAME")
+            return OpenEphysSpikeSink(target, sampling_rate)
+        return ZmqSpikeSink(target)
+    if scheme == "lsl":
+        from .lsl import LslMarkerSink, LslStringMarkerSink
+
+        return LslStringMarkerSink(target) if fmt == "string" else LslMarkerSink(target)
+    raise StreamFormatError(f"{uri}: unknown sink; use file:PATH.npz, zmq:tcp://127.0.0.1:PORT[?format=openephys] "
+                            "or lsl:NAME[?format=string]")

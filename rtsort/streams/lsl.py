@@ -9,6 +9,8 @@ samples missed while it was gone, from the LSL timestamps, are reported as a
 gap. Output: an irregular-rate ``Markers`` outlet, two int32 channels
 ``[unit, peak_channel]``, one sample per spike, stamped with the LSL time of
 the spike's trough, so a consumer measures latency as ``local_clock() - t``.
+``lsl:NAME?format=string`` gives a 1-channel ``cf_string`` Markers outlet
+instead, the unit id as text (:class:`LslStringMarkerSink`).
 """
 
 from __future__ import annotations
@@ -115,6 +117,32 @@ class LslMarkerSink:
         x[:, 0] = spikes["unit"]
         x[:, 1] = spikes["channel"]
         self.outlet.push_chunk(x, timestamps.tolist())
+
+    def close(self) -> None:
+        del self.outlet
+
+
+class LslStringMarkerSink:
+    """``lsl:NAME?format=string``: a 1-channel ``cf_string`` Markers outlet at irregular rate, the unit id as text.
+
+    One marker per spike (``"-1"``: unassigned), stamped with the LSL time of
+    the trough. The source id is stable across runs (``rtsort-markers-NAME-
+    string``), so a consumer such as the Open Ephys LSL Inlet or LabRecorder
+    reconnects to a restarted rtsort by itself.
+    """
+
+    def __init__(self, name: str):
+        import pylsl
+
+        info = pylsl.StreamInfo(name, "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string,
+                                f"rtsort-markers-{name}-string")
+        info.desc().append_child_value("producer", "rtsort")
+        info.desc().append_child("channels").append_child("channel").append_child_value("label", "unit")
+        self.outlet = pylsl.StreamOutlet(info)
+
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+        if spikes.size:
+            self.outlet.push_chunk([str(u) for u in spikes["unit"].tolist()], np.asarray(timestamps, float).tolist())
 
     def close(self) -> None:
         del self.outlet
