@@ -91,6 +91,31 @@ def simulate(out_dir: str | Path, n_channels: int = 32, n_units: int = 12, durat
     else:
         rec, templates, nbefore, unit_locs = _static(probe, sorting, duration_s, sampling_rate, noise_uV, seed)
 
+    written = write_ground_truth(
+        out_dir, rec, sorting, probe.contact_positions[:, :2], templates, nbefore, unit_locs, noise_uV,
+        meta={"n_channels": n_channels, "n_units": n_units, "duration_s": duration_s, "seed": seed,
+              "drift": drift, "sampling_rate": sampling_rate, "noise_uV": noise_uV,
+              "firing_rates_hz": list(firing_rates)},
+        progress=progress,
+    )
+    log.info("simulated %d units, %d spikes, %.1f s on %d channels -> %s",
+             n_units, sorting.count_total_num_spikes(), duration_s, n_channels, out_dir)
+    return written
+
+
+def write_ground_truth(out_dir, rec, sorting, positions, templates, nbefore, unit_locs, noise_uV, meta: dict,
+                       progress: bool = True, extra_truth: dict | None = None) -> BinaryRecording:
+    """Write a SpikeInterface recording and its ground truth as ``simulate`` does.
+
+    ``recording.bin`` + ``recording.json`` (int16, ``GAIN_TO_UV``), ``truth.npz``
+    (see :func:`simulate`; ``extra_truth`` adds arrays) and ``simulation.json``
+    (``meta`` plus ``n_spikes``). Returns the written recording, opened.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sampling_rate = float(rec.get_sampling_frequency())
+    n_channels = int(rec.get_num_channels())
+    positions = np.asarray(positions, dtype=np.float64)[:, :2]
     n_total = rec.get_num_samples(0)
     block = int(sampling_rate)  # one second at a time
 
@@ -100,7 +125,6 @@ def simulate(out_dir: str | Path, n_channels: int = 32, n_units: int = 12, durat
             x = rec.get_traces(start_frame=s, end_frame=min(s + block, n_total), segment_index=0)
             yield np.clip(np.round(x / GAIN_TO_UV), -32768, 32767).astype(np.int16)
 
-    positions = probe.contact_positions[:, :2]
     written = write_recording(
         out_dir / "recording.bin", blocks(), sampling_rate, positions, gain_to_uV=GAIN_TO_UV,
         offset_to_uV=0.0, channel_ids=[str(i) for i in range(n_channels)], dtype="int16",
@@ -119,14 +143,9 @@ def simulate(out_dir: str | Path, n_channels: int = 32, n_units: int = 12, durat
         unit_locations_um=unit_locs.astype(np.float64),
         sampling_rate=np.float64(sampling_rate),
         noise_uV=np.float64(noise_uV),
+        **(extra_truth or {}),
     )
-    (out_dir / "simulation.json").write_text(json.dumps({
-        "n_channels": n_channels, "n_units": n_units, "duration_s": duration_s, "seed": seed,
-        "drift": drift, "sampling_rate": sampling_rate, "noise_uV": noise_uV,
-        "firing_rates_hz": list(firing_rates), "n_spikes": int(spikes.size),
-    }, indent=1) + "\n")
-    log.info("simulated %d units, %d spikes, %.1f s on %d channels -> %s",
-             n_units, spikes.size, duration_s, n_channels, out_dir)
+    (out_dir / "simulation.json").write_text(json.dumps({**meta, "n_spikes": int(spikes.size)}, indent=1) + "\n")
     return written
 
 
