@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 ARRAYS = ("centroids", "centroid_unit", "centroid_radius", "templates")
+MOTION_REFERENCE = "motion_reference"  # optional array
 
 
 def sha256(path: Path) -> str:
@@ -62,6 +63,7 @@ class Bundle:
     features: dict
     units: list
     manifest: dict = field(default_factory=dict)
+    motion_reference: np.ndarray | None = None  # (n_y, n_a) spikes/s per depth x amplitude bin (rtsort.motion)
 
     @property
     def n_channels(self) -> int:
@@ -86,7 +88,7 @@ class Bundle:
                     noise_levels=self.noise_levels, encoder_file=self.encoder_path, centroids=self.centroids,
                     centroid_unit=self.centroid_unit, centroid_radius=self.centroid_radius, templates=self.templates,
                     features=self.features, units=self.units, training=dict(self.manifest.get("training", {})),
-                    gain_to_uV=self.gain_to_uV)
+                    gain_to_uV=self.gain_to_uV, motion_reference=self.motion_reference)
 
     def check_stream(self, n_channels: int, sampling_rate: float, source: str = "the stream") -> None:
         """Refuse a stream whose channel count or sampling rate differs from the bundle's."""
@@ -109,8 +111,10 @@ class Bundle:
 
 def save_bundle(out_dir: str | Path, *, config: Config, sampling_rate: float, probe: Probe, noise_levels,
                 encoder_file: str | Path, centroids, centroid_unit, centroid_radius, templates, features: dict,
-                units: list, training: dict, gain_to_uV: float = 1.0) -> Path:
-    """Write a bundle directory (the encoder file is moved in); the manifest is written last."""
+                units: list, training: dict, gain_to_uV: float = 1.0, motion_reference=None) -> Path:
+    """Write a bundle directory (the encoder file is moved in); the manifest is written last.
+
+    ``motion_reference`` (optional): the motion tracker's reference histogram, ``motion_reference.npy``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -123,6 +127,10 @@ def save_bundle(out_dir: str | Path, *, config: Config, sampling_rate: float, pr
     src = Path(encoder_file)
     if src.resolve() != (out / ENCODER).resolve():
         (out / ENCODER).write_bytes(src.read_bytes())
+    if motion_reference is not None:
+        arrays[MOTION_REFERENCE] = np.asarray(motion_reference, dtype=np.float32)
+    else:
+        (out / f"{MOTION_REFERENCE}.npy").unlink(missing_ok=True)
     for name, a in arrays.items():
         np.save(out / f"{name}.npy", a, allow_pickle=False)
     files = [ENCODER] + [f"{name}.npy" for name in arrays]
@@ -240,5 +248,14 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path}: centroid_unit refers to units outside {TAIL}..{len(units) - 1}")
     if tm.ndim != 3 or tm.shape[0] != len(units) or tm.shape[2] != n_channels:
         raise BundleError(f"{path}: templates.npy has shape {tm.shape}, expected ({len(units)}, T, {n_channels})")
+    motion_reference = None
+    if f"{MOTION_REFERENCE}.npy" in files:
+        try:
+            motion_reference = np.load(path / f"{MOTION_REFERENCE}.npy", allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(f"{path / (MOTION_REFERENCE + '.npy')}: unreadable ({exc})") from None
+        if motion_reference.ndim != 2:
+            raise BundleError(f"{path}: {MOTION_REFERENCE}.npy has shape {motion_reference.shape}, expected 2-D")
     log.debug("bundle %s: %d units, %d centroids, %d channels", path, len(units), c.shape[0], n_channels)
-    return Bundle(path, config, sampling_rate, probe, noise, c, cu, cr, tm, features, units, manifest)
+    return Bundle(path, config, sampling_rate, probe, noise, c, cu, cr, tm, features, units, manifest,
+                  motion_reference)

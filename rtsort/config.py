@@ -125,7 +125,7 @@ class SnippetConfig:
     """Waveform snippets cut around each trough over the nearest channels."""
 
     ms_before: float = 0.6
-    ms_after: float = 0.7  # the post-trough wait: README, "latency against the snippet window"
+    ms_after: float = 0.7  # the post-trough wait: docs/configuration.md, [snippets]
     n_channels: int = 8
 
     def __post_init__(self):
@@ -241,7 +241,7 @@ class AssignConfig:
     template_max_shift: int = 1
     # a candidate's best fit must also leave at most this mean squared residual per sample (noise units; noise
     # alone: 1), plus half the fit's energy, so the tail of another unit's spike is not claimed by a small
-    # template; 0: no limit (1.5 before the search, which finds again what this rejects when it fits)
+    # template; 0: no limit (the search takes back from the residual what this rejects when its template fits)
     candidate_max_residual: float = 1.0
     # ... and the footprint: the residual of a candidate's fit, projected channel by channel onto its template's
     # time course, may hold at most this much squared per channel (noise units; noise alone: 1) plus
@@ -275,6 +275,35 @@ class AssignConfig:
 
 
 @dataclass(frozen=True)
+class MotionConfig:
+    """Motion correction (``rtsort.motion``): the front end resamples each chunk from where the units are now to
+    where they were when the bundle was trained.
+
+    ``mode``: "auto" (on when the probe spans at least ``auto_min_span_um`` along y), "rigid" (one displacement
+    for the whole probe), "nonrigid" (one per ``window_um`` of the probe, interpolated between) or "off".
+    Training estimates the displacement over the whole recording with SpikeInterface's DREDge; the runtime tracks
+    it causally, every ``step_s``, from the spikes of the last ``tau_s`` or so (an exponential memory).
+    """
+
+    mode: str = "auto"
+    auto_min_span_um: float = 400.0
+    step_s: float = 0.5
+    tau_s: float = 1.0
+    max_um: float = 60.0
+    bin_um: float = 2.0
+    window_um: float = 400.0
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "rigid", "nonrigid", "off"):
+            raise ConfigError(f"motion.mode must be 'auto', 'rigid', 'nonrigid' or 'off', got {self.mode!r}")
+        _check_positive("motion.auto_min_span_um", self.auto_min_span_um, allow_zero=True)
+        for key in ("tau_s", "max_um", "bin_um", "window_um"):
+            _check_positive(f"motion.{key}", getattr(self, key))
+        if not self.step_s >= 0.1:
+            raise ConfigError(f"motion.step_s must be at least 0.1 s, got {self.step_s!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Every stage's configuration."""
 
@@ -284,6 +313,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     assign: AssignConfig = field(default_factory=AssignConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,7 +335,8 @@ class Config:
 
 
 _SECTION_TYPES = {"preprocess": PreprocessConfig, "detect": DetectConfig, "snippets": SnippetConfig,
-                  "train": TrainConfig, "cluster": ClusterConfig, "assign": AssignConfig}
+                  "train": TrainConfig, "cluster": ClusterConfig, "assign": AssignConfig,
+                  "motion": MotionConfig}
 
 
 def _section_from_dict(cls, name: str, data: Any):

@@ -60,10 +60,12 @@ class FrontEnd:
         Detector noise levels (from a bundle); else call :meth:`calibrate`.
     snippets : bool
         Cut waveforms (off for detection-only work).
+    motion : rtsort.motion.MotionSchedule or MotionTracker, optional
+        Motion correction between preprocessing and detection (the tracker needs snippets: it locates spikes).
     """
 
     def __init__(self, config: Config, probe: Probe, sampling_rate: float, gains_to_uV=1.0,
-                 offsets_to_uV=0.0, noise_levels=None, snippets: bool = True):
+                 offsets_to_uV=0.0, noise_levels=None, snippets: bool = True, motion=None):
         self.config = config
         self.probe = probe
         self.sampling_rate = float(sampling_rate)
@@ -75,13 +77,17 @@ class FrontEnd:
             SnippetExtractor(config.snippets, probe, sampling_rate, self.detector.event_ages)
             if snippets else None
         )
+        self.motion = motion
+        self._corrected = [np.zeros((0, self.n_channels), np.float32) for _ in range(3)]  # rotating outputs
+        self._turn = 0
         self._next_sample = 0
         self.last_detect_ns = 0
 
     @classmethod
-    def for_recording(cls, config: Config, recording: Recording, noise_levels=None, snippets: bool = True):
+    def for_recording(cls, config: Config, recording: Recording, noise_levels=None, snippets: bool = True,
+                      motion=None):
         return cls(config, recording.probe, recording.sampling_rate, recording.gains_to_uV,
-                   recording.offsets_to_uV, noise_levels, snippets)
+                   recording.offsets_to_uV, noise_levels, snippets, motion)
 
     @property
     def noise_levels(self) -> np.ndarray | None:
@@ -122,6 +128,8 @@ class FrontEnd:
         self.detector.reset(first_sample)
         if self.snippets is not None:
             self.snippets.reset(first_sample)
+        if self.motion is not None:
+            self.motion.reset(first_sample)
         self._next_sample = int(first_sample)
 
     def warmup(self) -> None:
@@ -130,13 +138,56 @@ class FrontEnd:
         self.detector.warmup()
         if self.snippets is not None:
             self.snippets.warmup()
+        if self.motion is not None:
+            self.motion.warmup()
 
     def process(self, samples: np.ndarray) -> FrontEndOutput:
         """Run one chunk of raw samples through every stage (the preprocessor checks its shape)."""
         return self.process_filtered(self.preprocessor.process(samples))
 
     def process_filtered(self, filtered: np.ndarray) -> FrontEndOutput:
-        """Detection and snippets for a chunk this front end's preprocessor has already filtered."""
+        """Motion correction, detection and snippets for a chunk this front end's preprocessor has already filtered.
+
+        With motion correction the chunk is cut at the displacement's step boundaries (fixed sample indices), so
+        each piece is resampled with the displacement in force for it and the tracker updates at the same samples
+        whatever the chunking. The output's ``filtered`` is then the corrected chunk (valid for two more chunks).
+        """
+        if self.motion is None:
+            return self._detect(filtered)
+        n = filtered.shape[0]
+        buf = self._corrected[self._turn]
+        if buf.shape[0] < n:
+            buf = self._corrected[self._turn] = np.empty((max(n, 2 * buf.shape[0]), self.n_channels), np.float32)
+        self._turn = (self._turn + 1) % 3
+        out = buf[:n]
+        first, step = self._next_sample, self.motion.step
+        outs, a, t_detect = [], 0, 0
+        while a < n:
+            boundary = (first + a) // step * step + step
+            b = min(n, boundary - first)
+            self.motion.apply(filtered[a:b], out[a:b])
+            piece = self._detect(out[a:b])
+            t_detect += self.last_detect_ns
+            if self.snippets is not None and piece.events.size:
+                deep = self.spike_mask(piece.events)
+                if deep.any():
+                    self.motion.observe(piece.events[deep], piece.waveforms[deep], self.noise_levels, self.snippets)
+            if first + b == boundary:
+                self.motion.update(boundary)
+            outs.append(piece)
+            a = b
+        self.last_detect_ns = t_detect
+        if len(outs) == 1:
+            o = outs[0]
+            return FrontEndOutput(o.events, o.waveforms, o.wait, out)
+        events = np.concatenate([o.events for o in outs])
+        # waits count to the end of the whole chunk, which is when its events leave
+        ends = np.cumsum([o.filtered.shape[0] for o in outs])
+        wait = np.concatenate([o.wait + (n - e) for o, e in zip(outs, ends)])
+        wf = None if self.snippets is None else np.concatenate([o.waveforms for o in outs])
+        return FrontEndOutput(events, wf, wait, out)
+
+    def _detect(self, filtered: np.ndarray) -> FrontEndOutput:
         first = self._next_sample
         t0 = time.perf_counter_ns()
         events = self.detector.process(filtered)
@@ -184,15 +235,41 @@ def _stream(fe: FrontEnd, recording: Recording, chunk_s: float, progress: bool, 
             bar.update(n)
 
 
-def _front_end(recording: Recording, config: Config, noise_levels, snippets: bool) -> FrontEnd:
-    fe = FrontEnd.for_recording(config, recording, noise_levels=noise_levels, snippets=snippets)
+def _front_end(recording: Recording, config: Config, noise_levels, snippets: bool, motion=None) -> FrontEnd:
+    fe = FrontEnd.for_recording(config, recording, noise_levels=noise_levels, snippets=snippets, motion=motion)
     if noise_levels is None:
         fe.calibrate(recording)
+    if motion is not None:
+        motion.reset(0)
     return fe
 
 
+def corrected_chunks(preprocessor: Preprocessor, recording: Recording, chunk: int, schedule=None,
+                     stop: int | None = None):
+    """:func:`filtered_chunks` in the reference frame of a motion ``schedule`` (``rtsort.motion.MotionSchedule``),
+    when one is given: each step's samples resampled with that step's displacement."""
+    if schedule is None:
+        yield from filtered_chunks(preprocessor, recording, chunk, stop)
+        return
+    schedule.reset(0)
+    buffers = [np.empty((chunk, recording.n_channels), np.float32) for _ in range(3)]
+    first = 0
+    for i, (n, filtered) in enumerate(filtered_chunks(preprocessor, recording, chunk, stop)):
+        out = buffers[i % 3][:n]
+        a = 0
+        while a < n:
+            boundary = (first + a) // schedule.step * schedule.step + schedule.step
+            b = min(n, boundary - first)
+            schedule.apply(filtered[a:b], out[a:b])
+            if first + b == boundary:
+                schedule.update(boundary)
+            a = b
+        first += n
+        yield n, out
+
+
 def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
-                     noise_levels=None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     noise_levels=None, stop: int | None = None, motion=None) -> tuple[np.ndarray, np.ndarray]:
     """Detect every spike of a recording through the streaming front end (candidates need a bundle's templates).
 
     Returns
@@ -200,14 +277,15 @@ def detect_recording(recording: Recording, config: Config, chunk_s: float = 1.0,
     events : ndarray of EVENT_DTYPE
     noise_levels : ndarray of shape (2, n_channels), float32
     """
-    fe = _front_end(recording, config, noise_levels, snippets=False)
+    fe = _front_end(recording, config, noise_levels, snippets=False, motion=motion)
     pieces = [out.events[fe.spike_mask(out.events)] for out in _stream(fe, recording, chunk_s, progress, stop,
                                                                        "detect")]
     return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=EVENT_DTYPE)), fe.noise_levels
 
 
 def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.0, progress: bool = True,
-                       noise_levels=None, stop: int | None = None, select=None, desc: str = "detect + snippets"):
+                       noise_levels=None, stop: int | None = None, select=None, desc: str = "detect + snippets",
+                       motion=None):
     """Detect every event of a recording (candidates too) and cut its snippet, through the streaming front end.
 
     ``select(front_end, events, waveforms) -> bool mask``, applied chunk by
@@ -220,7 +298,7 @@ def snippets_recording(recording: Recording, config: Config, chunk_s: float = 1.
     front_end : FrontEnd
         Its ``noise_levels`` and ``snippets.channel_index`` / ``relative_positions`` describe the snippets.
     """
-    fe = _front_end(recording, config, noise_levels, snippets=True)
+    fe = _front_end(recording, config, noise_levels, snippets=True, motion=motion)
     ev, wf = [], []
     for out in _stream(fe, recording, chunk_s, progress, stop, desc):
         if select is None:

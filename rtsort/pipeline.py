@@ -26,6 +26,7 @@ from .bundle import Bundle, load_bundle
 from .errors import BundleError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
+from .motion import MotionTracker, motion_enabled
 from .peel import Peeler
 from .stats import Distribution
 from .types import SPIKE_DTYPE, TAIL
@@ -62,6 +63,22 @@ def make_featurizer(bundle: Bundle, front: FrontEnd, threads: int = 1) -> Featur
                       bundle.features["position_scale_um"])
 
 
+def motion_tracker(bundle: Bundle, front: FrontEnd):
+    """The runtime's motion tracker for a bundle (``rtsort.motion``), or None: motion correction off for its probe,
+    or a bundle trained without it (no reference)."""
+    cfg = bundle.config.motion
+    if not motion_enabled(cfg, bundle.probe):
+        return None
+    if bundle.motion_reference is None:
+        log.info("%s: no motion reference in the bundle: motion correction off", bundle.path)
+        return None
+    try:
+        return MotionTracker(bundle.probe, bundle.sampling_rate, cfg, bundle.motion_reference,
+                             front.snippets.max_wait)
+    except ValueError as exc:
+        raise BundleError(f"{bundle.path}: {exc}") from None
+
+
 def late_phase(front: FrontEnd, max_residual: float) -> LatePhase:
     """The late-phase rule (``rtsort.assign.LatePhase``) for a front end's probe, rate and snippet timing."""
     return LatePhase(front.probe.positions_um, front.sampling_rate, max_residual, front.snippets.due_spread)
@@ -93,6 +110,7 @@ class Pipeline:
         b = self.bundle
         self.front = FrontEnd(b.config, b.probe, b.sampling_rate, gains_to_uV, offsets_to_uV,
                               noise_levels=b.noise_levels)
+        self.front.motion = motion_tracker(b, self.front)
         self.featurizer = make_featurizer(b, self.front, threads)
         n = self.front.snippets.n_samples
         if b.templates.shape[1] < n:
@@ -146,11 +164,11 @@ class Pipeline:
 
     def process_filtered(self, filtered: np.ndarray, encode: bool = True) -> np.ndarray:
         """The stages after preprocessing, for a chunk this pipeline's preprocessor filtered."""
-        return self.peel(filtered, *self.first_pass(filtered, encode), encode)
+        return self.peel(*self.first_pass(filtered, encode), encode)
 
     def first_pass(self, filtered: np.ndarray, encode: bool = True):
-        """Detect, encode and label a filtered chunk: (its spikes, their snippets in noise units or None, the
-        events dropped as tails)."""
+        """Correct motion, detect, encode and label a filtered chunk: (the chunk in the bundle's frame, its spikes,
+        their snippets in noise units or None, the events dropped as tails), :meth:`peel`'s arguments."""
         t1 = time.perf_counter_ns()
         out = self.front.process_filtered(filtered)
         t2 = time.perf_counter_ns()
@@ -187,7 +205,7 @@ class Pipeline:
             st[3] = t3 - t2
             st[4] = time.perf_counter_ns() - t3
             spikes = labelled(ev, unit, dist) if ev.size else _NO_SPIKES
-        return spikes, xn, tails
+        return out.filtered, spikes, xn, tails
 
     def peel(self, filtered: np.ndarray, spikes: np.ndarray, xn, tails: np.ndarray,
              encode: bool = True) -> np.ndarray:
@@ -230,7 +248,7 @@ def sort_recording(recording, bundle, chunk_s: float = 1.0, progress: bool = Tru
             first = pipe.first_pass(filtered)
             if peeling is not None:
                 pieces.append(peeling.result())
-            peeling = pool.submit(pipe.peel, filtered, *first)
+            peeling = pool.submit(pipe.peel, *first)
             bar.update(n)
         if peeling is not None:
             pieces.append(peeling.result())
@@ -374,7 +392,12 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                   tails_dropped=pipe.n_tails, peeled=pipe.peeler.n_peeled if pipe.peeler is not None else 0)
     counts["malformed"] = dict(getattr(src, "malformed", {}))
     counts["source_gaps"] = len(getattr(src, "gaps", []))
+    counts["source"] = src.stats() if hasattr(src, "stats") else {}  # a source's own counts (lost messages, ...)
     counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
+    motion = pipe.front.motion
+    counts["motion_um"] = None if motion is None else {  # the tracker's estimate at the end of the run
+        "displacement_um": motion.window_disp.round(2).tolist(), "window_centres_um": motion.centres.tolist(),
+        "updates": motion.updates}
     stats = {**counts,
              "compute_s_total": compute.total,
              "compute_ms": compute.percentiles(1000.0),

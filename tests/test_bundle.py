@@ -504,8 +504,8 @@ def test_peeling_does_not_find_the_tails_again(small_sim, trained):
     tails, peeled = [], []
     for c in rec.iter_chunks(30000):
         f = pipe.front.preprocessor.process(c.samples)
-        spikes, xn, dropped = pipe.first_pass(f)
-        out = pipe.peel(f, spikes, xn, dropped)
+        g, spikes, xn, dropped = pipe.first_pass(f)
+        out = pipe.peel(g, spikes, xn, dropped)
         tails.append(dropped)
         peeled.append(out[out.size - pipe.last_peeled :])
     tails, peeled = np.concatenate(tails), np.concatenate(peeled)

@@ -7,7 +7,7 @@ import pytest
 
 from rtsort.cli import main
 
-COMMANDS = ["simulate", "detect", "train", "sort", "eval", "report", "phy", "curate", "run", "replay", "bench", "demo"]
+COMMANDS = ["simulate", "detect", "train", "sort", "eval", "report", "phy", "curate", "run", "replay", "bench", "demo", "export"]
 
 
 def _run(*args):

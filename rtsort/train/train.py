@@ -32,11 +32,12 @@ from ..bundle import load_bundle, save_bundle
 from ..config import Config
 from ..errors import RecordingError
 from ..features import Encoder, Featurizer, normalize_waveforms
-from ..frontend import FrontEnd, filtered_chunks, snippets_recording
+from ..frontend import FrontEnd, corrected_chunks, snippets_recording
 from ..pipeline import late_phase, labelled, sort_recording, spikes_kept
 from ..types import TAIL
 from .cluster import cluster, drift_merges, label_spikes, tail_units, templates_on_probe
 from .metrics import unit_metrics
+from .motion import estimate_schedule
 
 log = logging.getLogger("rtsort.train")
 
@@ -72,10 +73,11 @@ def encode_all(featurizer: Featurizer, waveforms: np.ndarray, channels: np.ndarr
 
 
 def window_means(recording, config: Config, noise: np.ndarray, starts: np.ndarray, units: np.ndarray,
-                 templates: np.ndarray, length: int, progress: bool = True, desc: str = "templates"):
+                 templates: np.ndarray, length: int, progress: bool = True, desc: str = "templates", motion=None):
     """Each unit's mean of the filtered recording over ``length`` samples from each of its ``starts``, on its
     template's channels (the others stay 0), in one pass through the runtime's preprocessor: ((units, length,
-    C) float32, how many windows each mean holds (units,)). Windows past the recording's end are left out."""
+    C) float32, how many windows each mean holds (units,)). Windows past the recording's end are left out. With a
+    motion ``schedule`` the recording is read in its reference frame."""
     fs = recording.sampling_rate
     n_units, _, n_ch = templates.shape
     order = np.argsort(starts, kind="stable")
@@ -91,7 +93,7 @@ def window_means(recording, config: Config, noise: np.ndarray, starts: np.ndarra
     first, done = 0, 0  # the absolute sample of carry's first row; the windows added so far
     with tqdm(total=recording.n_samples, desc=desc, unit="sample", unit_scale=True, disable=not progress,
               leave=False) as bar:
-        for n, filtered in filtered_chunks(pre, recording, int(fs)):
+        for n, filtered in corrected_chunks(pre, recording, int(fs), motion):
             buf = np.concatenate([carry, filtered])
             end = first + buf.shape[0]
             ready = done + int(np.searchsorted(start[done:], end - length, side="right"))
@@ -114,7 +116,7 @@ def window_means(recording, config: Config, noise: np.ndarray, starts: np.ndarra
 
 
 def late_templates(recording, config: Config, noise: np.ndarray, events, labels, templates: np.ndarray,
-                   n_before: int, progress: bool = True) -> np.ndarray:
+                   n_before: int, progress: bool = True, motion=None) -> np.ndarray:
     """``templates`` (units, T, C) in uV extended to ``assign.subtract_ms_after`` after the trough: each unit's
     mean of the filtered recording past the snippet's end, at its labelled events, on its template's channels.
 
@@ -128,11 +130,11 @@ def late_templates(recording, config: Config, noise: np.ndarray, events, labels,
         return templates
     m = labels >= 0
     tail, _ = window_means(recording, config, noise, events["sample_index"][m] - n_before + t_len, labels[m],
-                           templates, length - t_len, progress)
+                           templates, length - t_len, progress, motion=motion)
     return np.concatenate([templates, tail], axis=1)
 
 
-def refined_templates(recording, bundle: dict, rounds: int, progress: bool = True) -> np.ndarray:
+def refined_templates(recording, bundle: dict, rounds: int, progress: bool = True, motion=None) -> np.ndarray:
     """The templates of a bundle (``save_bundle``'s arguments) re-estimated ``rounds`` times from what the
     bundle itself sorts: each unit's mean of the filtered recording at the spikes the runtime gives it.
 
@@ -141,7 +143,8 @@ def refined_templates(recording, bundle: dict, rounds: int, progress: bool = Tru
     its spikes over the threshold) and holds some of its neighbours' spikes;
     the sort's spikes, candidates and matches included, are its spikes at
     every size. A unit the sort gives fewer than ``cluster.min_cluster_size``
-    spikes keeps its template.
+    spikes keeps its template. The means are taken in the frame of the motion
+    ``schedule`` when one is given (the sort tracks motion as the runtime does).
     """
     templates = bundle["templates"]
     config = bundle["config"]
@@ -154,7 +157,7 @@ def refined_templates(recording, bundle: dict, rounds: int, progress: bool = Tru
             spikes, _ = sort_recording(recording, load_bundle(tmp), progress=progress)
         spikes = spikes[spikes["unit"] >= 0]
         means, counts = window_means(recording, config, bundle["noise_levels"], spikes["sample_index"] - n_before,
-                                     spikes["unit"], templates, templates.shape[1], progress)
+                                     spikes["unit"], templates, templates.shape[1], progress, motion=motion)
         enough = counts >= config.cluster.min_cluster_size
         templates = np.where(enough[:, None, None], means, templates).astype(np.float32)
         log.info("templates re-estimated from the bundle's own sort (round %d of %d): %d spikes, %d of %d units",
@@ -177,7 +180,7 @@ def unit_table(labels, n_units: int, events, waveforms, channel_index, features,
 
 
 def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, featurizer=None, progress: bool = True,
-                     desc: str = "candidates"):
+                     desc: str = "candidates", motion=None):
     """A pass over the recording, labelled chunk by chunk as the runtime labels it: the events it emits.
 
     With ``featurizer``, every spike and the candidates a template claims
@@ -210,7 +213,7 @@ def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, fea
         return keep
 
     ev, wf, _ = snippets_recording(recording, config, progress=progress, noise_levels=noise, select=emitted,
-                                   desc=desc)
+                                   desc=desc, motion=motion)
     return ev, wf, np.concatenate(units) if units else np.zeros(0, np.int32)
 
 
@@ -240,11 +243,15 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
+    # the probe's motion over the recording: every pass below reads the recording in its reference frame
+    schedule, motion_reference, motion_summary = estimate_schedule(recording, config, progress)
+    timings["motion_s"] = time.perf_counter() - t0
+    t0d = time.perf_counter()
     # units are learnt from the spikes; the shallower candidates are labelled afterwards, as at run time, in a
     # second pass that keeps only the claimed ones (memory holds spikes, not every noise crossing)
     events, waveforms, fe = snippets_recording(recording, config, progress=progress,
-                                               select=lambda f, ev, wf: f.spike_mask(ev))
-    timings["detect_s"] = time.perf_counter() - t0
+                                               select=lambda f, ev, wf: f.spike_mask(ev), motion=schedule)
+    timings["detect_s"] = time.perf_counter() - t0d
     log.info("%d spikes in %.1f s (%.1f s to detect)", events.size, recording.duration_s, timings["detect_s"])
     if events.size < MIN_SPIKES:
         raise RecordingError(f"{recording.source}: only {events.size} spikes detected in "
@@ -330,24 +337,26 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
         # the bundle's templates: the spikes' means reaching the late phase, then re-estimated from the bundle's own
         # sort of this recording
         t4 = time.perf_counter()
-        templates = late_templates(recording, config, noise, events, labels, templates, snip.nbefore, progress)
+        templates = late_templates(recording, config, noise, events, labels, templates, snip.nbefore, progress,
+                                   motion=schedule)
         timings["templates_s"] = time.perf_counter() - t4
         bundle = dict(config=config, sampling_rate=recording.sampling_rate, probe=recording.probe,
                       noise_levels=noise, encoder_file=enc_path, centroids=clu.centroids,
                       centroid_unit=centroid_unit, centroid_radius=clu.radius, templates=templates,
-                      features=features_meta, gain_to_uV=float(np.mean(recording.gains_to_uV)))
+                      features=features_meta, gain_to_uV=float(np.mean(recording.gains_to_uV)),
+                      motion_reference=motion_reference)
         t5 = time.perf_counter()
         refine = bool(n_units and config.train.template_rounds)
         if refine:
             templates = bundle["templates"] = refined_templates(recording, bundle, config.train.template_rounds,
-                                                                progress)
+                                                                progress, motion=schedule)
         assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples], noise[1],
                                  snip.channel_index, config.assign, 0.0)
         if refine:  # the runtime's labels with the templates kept: the spikes' again, then the candidates they claim
             # (the same centroids: an event nearest a tail's centroid was dropped above and none is now)
             labels = assigner.label(features, xn, events["channel"], np.ones(events.size, bool))[0]
         timings["refine_s"] = time.perf_counter() - t5
-        c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress)
+        c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress, motion=schedule)
         n_claimed = c_ev.size
         log.info("%d candidates claimed by a unit's template", n_claimed)
         if n_claimed:  # what the runtime emits: every spike, and the claimed candidates
@@ -374,6 +383,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             "n_candidates_claimed": int(n_claimed),
             "unassigned_fraction": float(np.mean(labels < 0)),
             "seed": int(seed),
+            "motion": motion_summary,
             "history": history,
             "timings_s": timings,
         }
