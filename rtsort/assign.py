@@ -30,12 +30,18 @@ channels in other proportions: the whole snippet's residual barely sees it
 (a few hundred samples of noise), these K projections do.
 docs/configuration.md ([assign]) has the figures.
 
-The same late phase also crosses the spikes' threshold when the big unit
-drifts towards a channel: :class:`LatePhase` drops an event (spike or claimed
-candidate) whose best fit leaves more than ``late_phase_residual`` mean
-squared residual per sample when it lies ``LATE_PHASE_SAMPLES`` after a spike
-within ``LATE_PHASE_UM`` at least ``LATE_PHASE_RATIO`` times deeper. It is a
-tail, as the events nearest a tail centroid are, and is counted with them.
+A spike's late phase (its repolarisation, and the causal filter's ringing
+after it) can cross the detector's threshold a few tenths of a millisecond
+after the trough, on the spike's own channels: the same spike, detected
+again. :class:`LatePhase` drops an event that an earlier labelled spike's
+template explains: the event minus what the template, placed at that
+spike's trough, predicts at the event's channel and time is no longer deep
+enough to be detected (the detector's threshold for the event's kind). Off
+the template's channels and past its end it predicts nothing, and explains
+nothing.
+No window, distance or ratio of its own: the template says where and when a
+spike's late phase lies. Such an event is a tail, as the events nearest a
+tail centroid are, and is counted with them.
 """
 
 from __future__ import annotations
@@ -55,12 +61,6 @@ AMPLITUDE_RANGE = (0.6, 1.6)  # a spike is its unit's template scaled by a facto
 RESIDUAL_OF_FIT = 0.5
 # ... and its footprint residual this fraction (a template's error grows with the unit's size)
 FOOTPRINT_OF_FIT = 0.2
-# the late phase of a spike (its repolarisation) lies this many samples after its trough (at 30 kHz) and reaches
-# channels this far, at most 1 / LATE_PHASE_RATIO of the trough's size (measured on tools/compare.py's recordings;
-# peeling subtracts it with the templates, up to assign.subtract_ms_after, and the search's fit test rejects it)
-LATE_PHASE_SAMPLES = (15, 45)
-LATE_PHASE_UM = 100.0
-LATE_PHASE_RATIO = 2.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -443,50 +443,48 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
 
 
 @numba.njit(cache=True, nogil=True)
-def _late_phase(samples, channels, amplitudes, residual, keep, spike, max_residual, h_samples, h_channels, h_size,
-                state, positions, lo, hi, back, ratio, near_um, out):
-    """One chunk of :class:`LatePhase`: the chunk's spikes join the history (``h_*``, ``state`` = [count, newest
-    trough]); out[i] for each event: kept, ``max_residual`` exceeded, and ``lo``..``hi`` samples after a spike of
-    the history within ``near_um`` and ``ratio`` x deeper. Then spikes older than ``back`` before the newest leave.
-    False (nothing changed) when the history has no room: the caller grows it and calls again."""
+def _late_phase(samples, channels, amplitudes, units, keep, deep, order, templates, nbefore, spike_depth,
+                event_depth, lo, back, h_samples, h_units, state, out):
+    """One chunk of :class:`LatePhase`, events in trough order (``order``): out[i] when an earlier labelled spike's
+    template explains event i; the labelled spikes that are not explained join the history (``h_*``, ``state`` =
+    [count, newest trough]); spikes older than ``back`` before the newest leave. False (nothing changed) when the
+    history has no room: the caller grows it and calls again."""
     n_h = state[0]
     newest = state[1]
-    k = samples.shape[0]
-    need = n_h
-    for i in range(k):
-        if spike[i]:
-            need += 1
-    if need > h_samples.shape[0]:
+    if n_h + samples.shape[0] > h_samples.shape[0]:
         return False
-    for i in range(k):
-        if spike[i]:
-            h_samples[n_h] = samples[i]
-            h_channels[n_h] = channels[i]
-            h_size[n_h] = abs(amplitudes[i])
-            newest = max(newest, samples[i])
-            n_h += 1
-    for i in range(k):
+    t_len = templates.shape[1]
+    for o in range(order.shape[0]):
+        i = order[o]
         out[i] = False
-        if not keep[i] or not residual[i] > max_residual:
-            continue
         s = samples[i]
-        deeper = ratio * abs(amplitudes[i])
-        px = positions[channels[i], 0]
-        py = positions[channels[i], 1]
-        for j in range(n_h):
-            lag = s - h_samples[j]
-            if lag >= lo and lag <= hi and h_size[j] >= deeper:
-                dx = positions[h_channels[j], 0] - px
-                dy = positions[h_channels[j], 1] - py
-                if dx * dx + dy * dy <= near_um * near_um:
+        if keep[i]:
+            c = channels[i]
+            a = amplitudes[i]
+            depth = spike_depth[c] if deep[i] else event_depth[c]
+            for j in range(n_h):
+                lag = s - h_samples[j]
+                if lag < lo or nbefore + lag + 1 >= t_len:
+                    continue
+                best = -1e30  # the residual trough left by the best-aligned prediction (lag - 1 .. lag + 1)
+                for d in range(-1, 2):
+                    v = templates[h_units[j], nbefore + lag + d, c]
+                    if a - v > best:
+                        best = a - v
+                if best > -depth:  # what the earlier spike does not predict is too shallow to be detected
                     out[i] = True
                     break
+        if not out[i] and keep[i] and units[i] >= 0:
+            h_samples[n_h] = s
+            h_units[n_h] = units[i]
+            n_h += 1
+            if s > newest:
+                newest = s
     m = 0
     for j in range(n_h):
         if h_samples[j] >= newest - back:
             h_samples[m] = h_samples[j]
-            h_channels[m] = h_channels[j]
-            h_size[m] = h_size[j]
+            h_units[m] = h_units[j]
             m += 1
     state[0] = m
     state[1] = newest
@@ -494,57 +492,65 @@ def _late_phase(samples, channels, amplitudes, residual, keep, spike, max_residu
 
 
 class LatePhase:
-    """The events that are a bigger spike's late phase (see the module docstring), chunk by chunk in stream order.
+    """The events an earlier labelled spike's template explains (see the module docstring), chunk by chunk in
+    stream order.
 
     Parameters
     ----------
-    positions_um : ndarray (C, 2)
-    sampling_rate : float
-    max_residual : float
-        ``assign.late_phase_residual`` (0: no event is a late phase).
+    templates : ndarray (n_units, T, C)
+        The bundle's templates (uV), reaching the late phase.
+    n_before : int
+        Samples before the trough in a template.
+    spike_depth, event_depth : ndarray (C,)
+        The detector's depths (uV) for a spike and for any event (its lowest threshold) on each channel.
     due_spread : int
         The most samples by which an event can leave the snippet extractor later than an event whose trough is
-        later (``SnippetExtractor.due_spread``). The window starts after it, so an event's bigger neighbours have
-        always left with its own chunk or before, whatever the chunking.
+        later (``SnippetExtractor.due_spread``). Only spikes more than this before an event may explain it, so
+        they have always left with its own chunk or before, whatever the chunking.
+    enabled : bool
     """
 
-    def __init__(self, positions_um, sampling_rate: float, max_residual: float, due_spread: int = 0):
-        scale = sampling_rate / 30000.0
-        self.lo = max(int(round(LATE_PHASE_SAMPLES[0] * scale)), int(due_spread) + 1)
-        self.hi = max(int(round(LATE_PHASE_SAMPLES[1] * scale)), self.lo)
-        self._back = self.hi + int(due_spread)  # spikes this far before the newest trough can still be the bigger one
-        self.max_residual = float(max_residual)
-        self.positions = np.ascontiguousarray(positions_um, dtype=np.float64)
+    def __init__(self, templates, n_before: int, spike_depth, event_depth, due_spread: int = 0,
+                 enabled: bool = True):
+        self.templates = np.ascontiguousarray(templates, dtype=np.float32)
+        self.n_before = int(n_before)
+        self.spike_depth = np.ascontiguousarray(spike_depth, dtype=np.float32)
+        self.event_depth = np.ascontiguousarray(event_depth, dtype=np.float32)
+        self.lo = int(due_spread) + 1
+        self._back = max(self.templates.shape[1] - self.n_before, self.lo) + int(due_spread)
+        self.enabled = bool(enabled) and self.templates.shape[0] > 0
         self.reset()
 
     def reset(self) -> None:
-        self._samples = np.zeros(256, np.int64)  # the spikes that may still be a later event's bigger spike
-        self._channels = np.zeros(256, np.int64)
-        self._size = np.zeros(256, np.float32)
+        self._samples = np.zeros(256, np.int64)  # the labelled spikes whose template may still reach a later event
+        self._units = np.zeros(256, np.int64)
         self._state = np.array([0, np.iinfo(np.int64).min], np.int64)  # how many, the newest trough
 
     def warmup(self) -> None:
         """Compile the kernel (on a scratch copy: the history stays as it is)."""
+        if not self.enabled:
+            return
         ev = np.zeros(2, EVENT_DTYPE)
-        ev["sample_index"] = (0, self.hi)
-        ev["amplitude"] = (-2.0 * LATE_PHASE_RATIO, -1.0)
+        ev["sample_index"] = (0, self.lo)
         for n in (2, 1):  # a chunk's fields are strided, unless it holds one event
+            scratch = LatePhase(self.templates, self.n_before, self.spike_depth, self.event_depth, self.lo - 1)
             one = np.ones(n, np.bool_)
-            LatePhase(self.positions, 30000.0, 1.0)(ev[:n], np.full(n, 2.0), one, one)
+            scratch(ev[:n], np.zeros(n, np.int32), one, one)
 
-    def __call__(self, events: np.ndarray, residual: np.ndarray, keep: np.ndarray, spike: np.ndarray) -> np.ndarray:
-        """(k,) bool: which of a chunk's ``events`` (in ``keep``, with their fit's ``residual``) are a late phase.
+    def __call__(self, events: np.ndarray, units: np.ndarray, keep: np.ndarray, deep: np.ndarray) -> np.ndarray:
+        """(k,) bool: which of a chunk's ``events`` (those in ``keep``, labelled ``units``) an earlier labelled
+        spike's template explains; the ``deep`` ones (spikes) are held to the spikes' threshold, the others
+        (candidates) to the detector's lowest.
 
-        The bigger spike may be any of the ``spike`` events (the deep ones: ``FrontEnd.spike_mask``), kept or not.
         Chunks come in stream order; one call with every event of a recording gives the same answer."""
         out = np.zeros(events.size, np.bool_)
-        if events.size == 0 or self.max_residual <= 0:
+        if events.size == 0 or not self.enabled:
             return out
+        order = np.argsort(events["sample_index"], kind="stable")
         while not _late_phase(events["sample_index"], events["channel"], events["amplitude"],
-                              np.ascontiguousarray(residual, dtype=np.float64), keep, spike, self.max_residual,
-                              self._samples, self._channels, self._size, self._state, self.positions, self.lo,
-                              self.hi, self._back, LATE_PHASE_RATIO, LATE_PHASE_UM, out):
-            grow = 2 * (self._samples.size + int(np.count_nonzero(spike)))
-            self._samples, self._channels, self._size = (np.resize(a, grow) for a in
-                                                         (self._samples, self._channels, self._size))
+                              np.ascontiguousarray(units, dtype=np.int64), np.ascontiguousarray(keep, np.bool_),
+                              np.ascontiguousarray(deep, np.bool_), order, self.templates, self.n_before, self.spike_depth, self.event_depth, self.lo,
+                              self._back, self._samples, self._units, self._state, out):
+            grow = 2 * (self._samples.size + events.size)
+            self._samples, self._units = (np.resize(a, grow) for a in (self._samples, self._units))
         return out

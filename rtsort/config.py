@@ -250,8 +250,9 @@ class AssignConfig:
     # a template's scale a costs amplitude_prior x (a - 1)^2 x |T|^2 in the fit (noise units): a spike is its own
     # unit's template at about its usual size, so a neighbour's template stretched to fit loses (0: scale free)
     amplitude_prior: float = 1.0
-    # an event whose best fit leaves more than this mean squared residual per sample (noise units) and that lies
-    # 0.5-1.5 ms after a spike within 100 um twice as deep is that spike's late phase, dropped as a tail (0: never)
+    # > 0: an event that an earlier labelled spike's template explains (the event minus the template's prediction
+    # there is too shallow to be detected) is that spike's late phase, dropped as a tail; 0: never
+    # (rtsort.assign.LatePhase; the value itself sets nothing else, so bundles that set it read the same)
     late_phase_residual: float = 3.0
     # subtract every labelled spike's template and look again for spikes it hid (collisions; rtsort.peel)
     peel: bool = True

@@ -79,9 +79,14 @@ def motion_tracker(bundle: Bundle, front: FrontEnd):
         raise BundleError(f"{bundle.path}: {exc}") from None
 
 
-def late_phase(front: FrontEnd, max_residual: float) -> LatePhase:
-    """The late-phase rule (``rtsort.assign.LatePhase``) for a front end's probe, rate and snippet timing."""
-    return LatePhase(front.probe.positions_um, front.sampling_rate, max_residual, front.snippets.due_spread)
+def late_phase(front: FrontEnd, templates: np.ndarray, n_before: int, enabled: bool = True) -> LatePhase:
+    """The late-phase rule (``rtsort.assign.LatePhase``) with a bundle's templates, for a front end's detector
+    thresholds and snippet timing."""
+    cfg = front.config.detect
+    noise = front.noise_levels[1]
+    lowest = min(cfg.amp_threshold, cfg.candidate_threshold) if cfg.candidate_threshold > 0 else cfg.amp_threshold
+    return LatePhase(templates, n_before, cfg.amp_threshold * noise, lowest * noise, front.snippets.due_spread,
+                     enabled)
 
 
 def spikes_kept(deep: np.ndarray, unit: np.ndarray) -> np.ndarray:
@@ -122,7 +127,8 @@ class Pipeline:
                                       track_rate)
         self.peeler = Peeler(self.front, b.templates, self.assigner.matcher) \
             if b.config.assign.peel and self.assigner.matcher is not None else None
-        self.late_phase = late_phase(self.front, b.config.assign.late_phase_residual)
+        self.late_phase = late_phase(self.front, b.templates, int(b.features["n_before"]),
+                                     b.config.assign.late_phase_residual > 0)
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
@@ -192,7 +198,7 @@ class Pipeline:
             residual = np.empty(ev.size, np.float64)
             unit, dist = self.assigner.label(features, xn, ev["channel"], deep, residual)
             keep = spikes_kept(deep, unit)
-            late = self.late_phase(ev, residual, keep, deep)
+            late = self.late_phase(ev, unit, keep, deep)
             if not keep.all() or not deep.all() or late.any():
                 tail = (deep & ~keep) | late
                 keep &= ~late

@@ -404,36 +404,48 @@ def test_a_candidate_must_have_its_units_footprint():
     assert claimed[3.0][0] == 1.0 and claimed[3.0][1] <= 0.05, claimed
 
 
-def test_late_phase_of_a_bigger_spike_is_dropped_whatever_the_chunking():
-    """[assign] late_phase_residual: an event that its unit's template leaves unexplained and that lies 0.5-1.5 ms
-    after an event twice as deep, nearby, is that spike's late phase. Not when it is far, well explained, too
-    close to the bigger spike (a collision), as deep, alone, or when the bigger event is not a spike (a
-    candidate); the same events for any split into chunks."""
-    positions = np.array([[0, 0], [0, 20], [0, 40], [0, 60], [0, 500]], np.float64)
-    rows = [  # sample, channel, amplitude, residual of its fit, a spike?, a late phase?
-        (100, 0, -200.0, 1.0, True, False),  # the big spike
-        (105, 1, -60.0, 5.0, True, False),  # 5 samples after: a collision
-        (130, 1, -60.0, 5.0, True, True),  # 1 ms after, 20 um away, a third of its size, unexplained
-        (131, 4, -60.0, 5.0, False, False),  # 500 um away
-        (132, 2, -60.0, 1.5, True, False),  # explained by its template
-        (140, 1, -150.0, 5.0, True, False),  # not twice smaller
-        (300, 0, -200.0, 1.0, False, False),  # a big candidate, not a spike ...
-        (330, 1, -60.0, 5.0, False, False),  # ... is nobody's bigger spike
-        (1000, 0, -60.0, 5.0, True, False),  # alone
+def test_late_phase_explained_by_an_earlier_spikes_template_whatever_the_chunking():
+    """[assign] late_phase_residual > 0: an event that an earlier labelled spike's template explains (the event
+    minus the template's prediction at its channel and time is too shallow to be detected) is that spike's late
+    phase. Not when the template predicts too little there (another channel, past its end), when a spike deeper
+    than the prediction remains (a collision), when the earlier spike has no unit, or within the due spread; the
+    same events for any split into chunks."""
+    n_before, t_len, n_ch = 10, 40, 3
+    templates = np.zeros((1, t_len, n_ch), np.float32)
+    templates[0, n_before, 0] = -200.0  # the trough
+    templates[0, n_before + 15, 0] = -80.0  # a late trough 15 samples on, on the same channel
+    templates[0, n_before + 15, 1] = -10.0  # ... and a small one on channel 1
+    spike_depth = np.full(n_ch, 45.0)  # 4.5 x 10 uV noise
+    event_depth = np.full(n_ch, 25.0)  # the lowest threshold: 2.5 x noise
+    rows = [  # sample, channel, amplitude, unit, a spike?, explained?
+        (100, 0, -200.0, 0, True, False),  # the spike
+        (115, 0, -90.0, 0, True, True),  # its late trough: -90 + 80 = -10, too shallow to detect
+        (116, 0, -70.0, -1, False, True),  # a candidate there, one sample off (the best of -1..+1)
+        (115, 1, -60.0, 0, True, False),  # channel 1: -60 + 10 = -50, still a spike
+        (115, 2, -30.0, 0, False, False),  # channel 2: the template predicts nothing
+        (200, 0, -200.0, -1, True, False),  # an unlabelled spike ...
+        (215, 0, -90.0, 0, True, False),  # ... explains nothing
+        (300, 0, -200.0, 0, True, False),  # a spike ...
+        (315, 0, -180.0, 0, True, False),  # ... and a collision: -180 + 80 = -100 is still a spike
+        (302, 0, -60.0, 0, True, False),  # within the due spread (2): not judged by this spike
+        (360, 0, -90.0, 0, True, False),  # past the template's end
     ]
     ev = np.zeros(len(rows), EVENT_DTYPE)
     ev["sample_index"], ev["channel"], ev["amplitude"] = ([r[i] for r in rows] for i in range(3))
-    residual = np.array([r[3] for r in rows])
-    spike = np.array([r[4] for r in rows])
+    units = np.array([r[3] for r in rows], np.int32)
+    deep = np.array([r[4] for r in rows])
     want = [r[5] for r in rows]
     keep = np.ones(len(rows), bool)
-    for splits in ([], [1], [2, 3], [1, 2, 3, 4, 5, 6, 7, 8]):
-        rule = LatePhase(positions, 30000.0, 3.0, due_spread=4)
-        got = np.concatenate([rule(*parts) for parts in zip(*(np.split(a, splits) for a in (ev, residual, keep,
-                                                                                            spike)))])
+    order = np.argsort(ev["sample_index"], kind="stable")
+    ev, units, deep, keep, want = ev[order], units[order], deep[order], keep[order], np.array(want)[order].tolist()
+    for splits in ([], [1], [2, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]):
+        rule = LatePhase(templates, n_before, spike_depth, event_depth, due_spread=2)
+        got = np.concatenate([rule(*parts) for parts in zip(*(np.split(a, splits) for a in (ev, units, keep,
+                                                                                            deep)))])
         assert got.tolist() == want, splits
-    assert not LatePhase(positions, 30000.0, 0.0, due_spread=4)(ev, residual, keep, spike).any()  # 0: never
-    assert LatePhase(positions, 30000.0, 3.0, due_spread=20).lo == 21  # after the due spread: chunk invariant
+    off = LatePhase(templates, n_before, spike_depth, event_depth, due_spread=2, enabled=False)
+    assert not off(ev, units, keep, deep).any()  # late_phase_residual = 0: never
+    assert LatePhase(templates, n_before, spike_depth, event_depth, due_spread=20).lo == 21  # chunk invariant
 
 
 def test_amplitude_prior_prefers_a_template_at_its_own_size():

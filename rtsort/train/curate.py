@@ -64,7 +64,8 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
     exported = make_assigner(b.centroids, b.centroid_unit, b.centroid_radius,
                              b.templates[:, :fe.snippets.n_samples], b.noise_levels[1], ci, b.config.assign, 0.0)
     events, waveforms, _ = emitted_snippets(recording, b.config, b.noise_levels, exported, featurizer, progress,
-                                            "exported spikes")
+                                            "exported spikes", templates=b.templates,
+                                            n_before=int(b.features["n_before"]))
     order = np.lexsort((events["channel"], events["sample_index"]))  # the spikes file's order
     events, waveforms = events[order], waveforms[order]
     latent, loc = encode_all(featurizer, waveforms, events["channel"], progress)
@@ -104,11 +105,10 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
         return make_assigner(centroids, centroid_unit, radius, templates[:, :t_len], b.noise_levels[1], ci,
                              b.config.assign, 0.0)
 
-    def emitted(labels, curated):  # which events the curated bundle emits: not the late phases it leaves
-        return spikes_kept(deep, labels) & ~late_events(events, waveforms, features, labels, events[:0], fe,
-                                                         curated, b.config)
+    def emitted(labels, templates):  # which events the curated bundle emits: not the late phases it leaves
+        return spikes_kept(deep, labels) & ~late_events(events, labels, fe, templates, b.config)
 
-    now = emitted(labels, assigner(templates))
+    now = emitted(labels, templates)
     templates = late_templates(recording, b.config, b.noise_levels, events[now], labels[now], templates,
                                fe.snippets.nbefore, progress)
     contents = b.contents()
@@ -119,7 +119,7 @@ def apply_curation(bundle_dir, phy_dir, recording, out_dir, progress: bool = Tru
         # the runtime's labels with the templates kept (the spikes Phy showed; candidates as they were claimed)
         curated = assigner(templates)
         labels = curated.label(features[deep], xn, events["channel"], deep)[0]
-        now = emitted(labels, curated)
+        now = emitted(labels, templates)
     units, _ = unit_table(labels[now], len(kept), events[now], waveforms[now], ci, features[now], loc[now],
                           b.noise_levels, recording, 0)
     for row, c in zip(units, kept):

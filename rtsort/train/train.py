@@ -180,12 +180,13 @@ def unit_table(labels, n_units: int, events, waveforms, channel_index, features,
 
 
 def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, featurizer=None, progress: bool = True,
-                     desc: str = "candidates", motion=None):
+                     desc: str = "candidates", motion=None, templates=None, n_before: int = 0):
     """A pass over the recording, labelled chunk by chunk as the runtime labels it: the events it emits.
 
     With ``featurizer``, every spike and the candidates a template claims
     (what the runtime sends out); without, only the claimed candidates (for a
-    caller that holds the spikes already). Memory holds those snippets only,
+    caller that holds the spikes already; with a featurizer, ``templates`` and
+    ``n_before`` give the late-phase rule). Memory holds those snippets only,
     not every noise crossing the detector hands over. Returns their events,
     snippets (uV) and units.
     """
@@ -196,12 +197,11 @@ def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, fea
         deep = fe.spike_mask(ev)
         if featurizer is not None:
             if not rule:
-                rule.append(late_phase(fe, config.assign.late_phase_residual))
+                rule.append(late_phase(fe, templates, n_before, config.assign.late_phase_residual > 0))
             features, xn = featurizer.encode(wf, ev["channel"], deep)
-            residual = np.empty(ev.size)
-            unit = assigner.label(features, xn, ev["channel"], deep, residual)[0]
+            unit = assigner.label(features, xn, ev["channel"], deep)[0]
             keep = spikes_kept(deep, unit)
-            keep &= ~rule[0](ev, residual, keep, deep)
+            keep &= ~rule[0](ev, unit, keep, deep)
         else:  # candidates only: no encoder needed (the caller applies the late-phase rule, with its spikes)
             unit = np.full(ev.size, -1, np.int32)
             cand = ~deep
@@ -217,23 +217,14 @@ def emitted_snippets(recording, config: Config, noise: np.ndarray, assigner, fea
     return ev, wf, np.concatenate(units) if units else np.zeros(0, np.int32)
 
 
-def late_events(events, waveforms, features, labels, others, fe, assigner, config: Config) -> np.ndarray:
-    """Which of a recording's emitted events the runtime drops as a bigger spike's late phase
-    (``rtsort.assign.LatePhase``, in one call: it gives what chunk after chunk gives). ``others``: the spikes
-    that did not leave (tails), which may be the bigger spike too."""
+def late_events(events, labels, fe, templates: np.ndarray, config: Config) -> np.ndarray:
+    """Which of a recording's emitted events the runtime drops as an earlier spike's late phase
+    (``rtsort.assign.LatePhase``, in one call: it gives what chunk after chunk gives)."""
     if config.assign.late_phase_residual <= 0:
         return np.zeros(events.size, bool)
     deep = fe.spike_mask(events)
-    residual = np.empty(events.size)
-    for i in range(0, events.size, ENCODE_BATCH):  # the fits' residuals, a batch of snippets at a time
-        b = slice(i, i + ENCODE_BATCH)
-        xn = normalize_waveforms(waveforms[b], events["channel"][b], fe.snippets.channel_index, fe.noise_levels[1])
-        assigner.label(features[b][deep[b]], xn, events["channel"][b], deep[b], residual[b])
-    every = np.concatenate([events, others])
-    n = others.size
-    return late_phase(fe, config.assign.late_phase_residual)(
-        every, np.r_[residual, np.full(n, np.nan)], np.r_[labels >= 0, np.zeros(n, bool)],
-        np.r_[deep, np.ones(n, bool)])[:events.size]
+    rule = late_phase(fe, templates, fe.snippets.nbefore)
+    return rule(events, labels, spikes_kept(deep, labels), deep)
 
 
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
@@ -310,7 +301,6 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             if joined.max() + 1 == n_units:
                 break
             centroid_unit = np.where(centroid_unit >= 0, joined[np.maximum(centroid_unit, 0)], -1).astype(np.int32)
-        tail_events = events[:0]
         size = np.abs(templates / noise[1][None, None, :]).max(axis=(1, 2)) if n_units else np.zeros(0)
         tail = tail_units(labels, events["sample_index"], loc, size, recording.sampling_rate, config.cluster, n_units)
         if tail.any():  # a tail's centroids mark its events as tails: they do not leave, as at run time
@@ -321,7 +311,6 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             labels, templates = label_spikes(clu.centroids, centroid_unit, clu.radius, features, waveforms, xn,
                                              channels, snip.channel_index, noise[1], n_units, config.assign)
             spike = labels != TAIL
-            tail_events = events[~spike]
             events, waveforms, xn, features, loc, labels = (a[spike] for a in (events, waveforms, xn, features, loc,
                                                                             labels))
             log.info("%d events of %d tail units are not spikes", int(np.count_nonzero(~spike)), int(tail.sum()))
@@ -366,7 +355,7 @@ def train_bundle(recording, out_dir: str | Path, config: Config | None = None, s
             features = np.concatenate([features, featurizer.combine(c_lat, c_loc)])
             loc = np.concatenate([loc, c_loc])
             labels = np.concatenate([labels, c_lab])
-        late = late_events(events, waveforms, features, labels, tail_events, fe, assigner, config)
+        late = late_events(events, labels, fe, templates, config)
         if late.any():  # a bigger spike's late phase: the runtime drops them as tails
             events, waveforms, features, loc, labels = (a[~late] for a in (events, waveforms, features, loc, labels))
             log.info("%d events are a bigger spike's late phase", int(late.sum()))
