@@ -237,6 +237,19 @@ def _add_sort(sub):
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads")
     p.add_argument("--track-rate", type=float, metavar="RATE",
                    help="let centroids follow slow drift (0-1; overrides the bundle's [assign] track_rate)")
+    p.add_argument("--workers", type=_positive_int,
+                   help="sort in time blocks on this many Dask worker processes and stitch them (a margin of "
+                        "max(2 s, 5 x motion.tau_s) before each block; needs the 'scale' extra); default: one "
+                        "process, no Dask")
+    p.add_argument("--scheduler",
+                   help="with blocks: 'local' (a LocalCluster of --workers processes on 127.0.0.1) or a running "
+                        "Dask scheduler, tcp://HOST:8786 (its workers must see the same paths)")
+    p.add_argument("--block-s", type=_positive_float,
+                   help="with blocks: block length in seconds (default: one block per worker)")
+    p.add_argument("--margin-s", type=_positive_float,
+                   help="with blocks: warm-up before each block, rounded up to whole motion steps (default: "
+                        "max(2 s, 5 x motion.tau_s), 2 s without motion correction; with it, 40 x tau_s lets the "
+                        "motion tracker forget its start below float64 resolution: docs/scale.md)")
     p.set_defaults(func=_cmd_sort)
 
 
@@ -258,8 +271,68 @@ def _sort(recording_path: Path, bundle_path: Path, out: Path, chunk_s: float, th
 
 
 def _cmd_sort(args) -> int:
-    _sort(args.recording, args.bundle, args.out, args.chunk_s, args.threads, args.quiet, args.track_rate)
+    if args.workers is None and args.scheduler is None:
+        if args.block_s is not None or args.margin_s is not None:
+            raise RtsortError("--block-s and --margin-s need --workers or --scheduler (blocks are sorted on Dask)")
+        _sort(args.recording, args.bundle, args.out, args.chunk_s, args.threads, args.quiet, args.track_rate)
+        return 0
+    from .io import save_spikes
+    from .scale import sort_blocks
+
+    if args.out.suffix != ".npz":
+        raise RtsortError(f"{args.out}: the spikes file must end in .npz")
+    spikes, info = sort_blocks(args.recording, args.bundle, args.workers, args.scheduler, args.chunk_s, args.threads,
+                               args.track_rate, args.block_s, args.margin_s, progress=not args.quiet)
+    save_spikes(args.out, spikes, info["sampling_rate"])
+    n_un = int(np.sum(spikes["unit"] < 0))
+    dt, duration = info["seconds"], info["duration_s"]
+    print(f"{spikes.size} spikes ({n_un} unassigned) in {duration:.1f} s of {info['n_channels']} channels; "
+          f"sorted in {dt:.1f} s ({duration / max(dt, 1e-9):.1f}x real time) as {info['blocks']} blocks of "
+          f"{info['block_s']:.1f} s (margin {info['margin_s']:.1f} s) on {info['workers']} workers -> {args.out}")
     return 0
+
+
+# ---------------------------------------------------------------- batch
+def _add_batch(sub):
+    p = sub.add_parser(
+        "batch", formatter_class=_Formatter,
+        help="train and sort many sessions on Dask (SESSIONS.toml)",
+        description="Train and sort every [[session]] of SESSIONS.toml as one Dask task each, as 'rtsort train' "
+                    "and 'rtsort sort' would on each alone (same bundle, same spikes). A session table has "
+                    "recording (required; relative paths resolve against the TOML's folder), name (default: the "
+                    "recording's stem), bundle (sort with it, no training), config (a TOML configuration) and "
+                    "seed (default 0). Outputs: DIR/NAME/bundle/, DIR/NAME/spikes.npz, DIR/NAME/done.json and "
+                    "DIR/summary.json. A failing session is reported and the others go on; a second run skips "
+                    "the sessions whose done.json still matches their inputs and outputs. Needs the 'scale' extra.",
+    )
+    p.add_argument("sessions", type=Path, help="SESSIONS.toml")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--scheduler", default="local",
+                   help="'local' (a LocalCluster on 127.0.0.1) or a running Dask scheduler, tcp://HOST:8786 (its "
+                        "workers must see the same paths)")
+    p.add_argument("--workers", type=_positive_int,
+                   help="local worker processes, one thread each (default: one per core, at most one per session)")
+    p.set_defaults(func=_cmd_batch)
+
+
+def _cmd_batch(args) -> int:
+    from .scale import run_batch
+
+    summary = run_batch(args.sessions, args.out, args.scheduler, args.workers, progress=not args.quiet)
+    print("  session               status   units  good   spikes  unassigned   wall s")
+    for r in summary["sessions"]:
+        def num(key, fmt="d"):
+            return "-" if r.get(key) is None else format(r[key], fmt)
+
+        un = "-" if not r.get("spikes") else f"{100 * r['unassigned'] / r['spikes']:.1f} %"
+        print(f"  {r['name']:<20.20s} {r['status']:<8s} {num('units'):>5s} {num('good_units'):>5s} "
+              f"{num('spikes'):>8s} {un:>11s} {num('wall_s', '.1f'):>8s}")
+    for r in summary["sessions"]:
+        if r["status"] == "failed":
+            print(f"rtsort batch: session {r['name']}: error: {r['error']}", file=sys.stderr)
+    print(f"{len(summary['sessions'])} sessions ({summary['failed']} failed) in {summary['wall_s']:.1f} s -> "
+          f"{args.out / 'summary.json'}")
+    return 1 if summary["failed"] else 0
 
 
 # ---------------------------------------------------------------- eval
@@ -615,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_phy(sub)
     _add_curate(sub)
     _add_export(sub)
+    _add_batch(sub)
     _add_run(sub)
     _add_replay(sub)
     _add_bench(sub)

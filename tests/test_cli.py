@@ -7,7 +7,8 @@ import pytest
 
 from rtsort.cli import main
 
-COMMANDS = ["simulate", "detect", "train", "sort", "eval", "report", "phy", "curate", "run", "replay", "bench", "demo", "export"]
+COMMANDS = ["simulate", "detect", "train", "sort", "eval", "report", "phy", "curate", "run", "replay", "bench", "demo", "export",
+            "batch"]
 
 
 def _run(*args):

@@ -9,6 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[train,interop,export,dev]"
+.venv/bin/python -m pip install -q -e ".[train,interop,export,scale,dev]"
 .venv/bin/python -m pip check
 echo "rtsort installed in .venv (activate with: source .venv/bin/activate)"
