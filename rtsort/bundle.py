@@ -182,6 +182,16 @@ def _need(manifest: dict, key: str, path: Path):
 def load_bundle(path: str | Path) -> Bundle:
     """Load and validate a bundle; every problem is a one-line :class:`BundleError`."""
     path = Path(path)
+    try:
+        return _load_bundle(path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        # a hand-edited manifest: a value of the wrong type or shape
+        raise BundleError(f"{path / MANIFEST}: invalid manifest ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+
+
+def _load_bundle(path: Path) -> Bundle:
     mpath = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: bundle directory not found")
@@ -238,6 +248,17 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{mpath}: noise levels have shape {noise.shape}, expected (2, {n_channels})")
     features = _need(manifest, "features", path)
     units = _need(manifest, "units", path)
+    if not isinstance(features, dict) or not isinstance(units, list):
+        raise BundleError(f"{mpath}: 'features' must be a table and 'units' a list")
+    for key in ("latent_dim", "latent_scale", "position_scale_um", "n_samples", "n_snippet_channels", "n_before"):
+        v = features.get(key)
+        if key in ("latent_dim", "latent_scale", "position_scale_um", "n_before") and v is None:
+            raise BundleError(f"{mpath}: features has no '{key}'")
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+            raise BundleError(f"{mpath}: features.{key} must be a number, got {v!r}")
+    gain = manifest.get("gain_to_uV", 1.0)
+    if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and np.isfinite(gain) and gain > 0):
+        raise BundleError(f"{mpath}: gain_to_uV must be a positive number, got {gain!r}")
     c, cu, cr, tm = (arrays[a] for a in ARRAYS)
     n_feat = int(features.get("latent_dim", -1)) + 2
     if c.ndim != 2 or c.shape[1] != n_feat:

@@ -519,7 +519,41 @@ def _add_run(sub):
                    help="ask for real-time scheduling (SCHED_FIFO; needs root, CAP_SYS_NICE or an rtprio limit; "
                         "a warning, not an error, when refused)")
     p.add_argument("--stats", type=Path, help="write the run's statistics as JSON")
+    p.add_argument("--stats-every", type=_positive_float, metavar="S",
+                   help="with --stats: rewrite the file every S seconds while running (the statistics so far)")
     p.set_defaults(func=_cmd_run)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` whole (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _stop_on_signals():
+    """SIGINT and SIGTERM stop the run cleanly (the chunk in hand is finished, the sinks closed, the stats
+    written); a second signal interrupts at once. Returns the event they set and a function that puts the
+    previous handlers back (handlers can only be set from the main thread: elsewhere, nothing is changed)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return stop, lambda: None
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after this chunk", signal.Signals(signum).name)
+        stop.set()
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore():
+        for sig, h in before.items():
+            signal.signal(sig, h)
+    return stop, restore
 
 
 def _cmd_run(args) -> int:
@@ -527,10 +561,17 @@ def _cmd_run(args) -> int:
 
     if args.realtime:
         raise_priority()
-
-    stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
-                       args.speed, args.threads, resolve_timeout=args.resolve_timeout,
-                       max_lag_ms=args.max_lag_ms or None, track_rate=args.track_rate)
+    if args.stats_every and not args.stats:
+        raise RtsortError("--stats-every needs --stats FILE.json")
+    report = (lambda st: _write_json(args.stats, st)) if args.stats_every else None
+    stop, restore = _stop_on_signals()
+    try:
+        stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
+                           args.speed, args.threads, stop=stop, resolve_timeout=args.resolve_timeout,
+                           max_lag_ms=args.max_lag_ms or None, track_rate=args.track_rate, report=report,
+                           report_every_s=args.stats_every or 60.0)
+    finally:
+        restore()
     c, lat = stats["compute_ms"], stats["trough_to_emit_ms"]
     print(f"{stats['chunks']} chunks, {stats['spikes']} spikes ({stats['unassigned']} unassigned, "
           f"{stats['skipped_encoding']} not encoded in {stats['late_chunks']} late chunks), "
@@ -539,8 +580,43 @@ def _cmd_run(args) -> int:
         print(f"compute per chunk: p50 {c['p50']:.3f}  p99 {c['p99']:.3f}  max {c['max']:.3f} ms")
     if lat:
         print(f"trough to emission: p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f} ms")
+    bad = {k: stats[k] for k in ("nonfinite_samples", "saturated_samples", "flat_channel_s", "noisy_channel_s")
+           if stats.get(k)}
+    if bad:
+        print("signal faults: " + ", ".join(f"{k} {v}" for k, v in bad.items()))
     if args.stats:
-        args.stats.write_text(json.dumps(stats, indent=1) + "\n")
+        _write_json(args.stats, stats)
+    for sink, error in stats["sink_errors"].items():
+        print(f"rtsort run: error: sink {sink}: {error}", file=sys.stderr)
+    return 1 if stats["sink_errors"] else 0
+
+
+def _add_recover(sub):
+    p = sub.add_parser(
+        "recover", formatter_class=_Formatter,
+        help="turn a killed run's spike log into its spikes file",
+        description="A file:SPIKES.npz sink appends every spike to SPIKES.npz.log as it leaves and writes "
+                    "SPIKES.npz when the run ends. If the run was killed (kill -9, a crash, a power cut), the log "
+                    "holds every spike emitted until then: this writes it as the spikes file, in trough order (a "
+                    "record torn by the kill is dropped). The log is kept; a new run with the same sink also "
+                    "recovers a stale log by itself, into SPIKES.recovered.npz.",
+    )
+    p.add_argument("log", type=Path, help="the spike log (SPIKES.npz.log)")
+    p.add_argument("--out", type=Path, required=True, help="spikes file to write (.npz)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=_cmd_recover)
+
+
+def _cmd_recover(args) -> int:
+    from .io import load_spikes
+    from .streams.files import recover_spike_file
+
+    if args.out.exists() and not args.force:
+        raise RtsortError(f"{args.out} exists; pass --force to overwrite it")
+    recover_spike_file(args.log, args.out)
+    spikes, fs = load_spikes(args.out)
+    span = f", samples {spikes['sample_index'][0]}..{spikes['sample_index'][-1]}" if spikes.size else ""
+    print(f"{spikes.size} spikes ({int(np.sum(spikes['unit'] < 0))} unassigned{span}) from {args.log} -> {args.out}")
     return 0
 
 
@@ -690,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_batch(sub)
     _add_run(sub)
+    _add_recover(sub)
     _add_replay(sub)
     _add_bench(sub)
     _add_demo(sub)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -164,7 +165,7 @@ class Pipeline:
         which only a template fit makes spikes, are dropped.
         """
         t0 = time.perf_counter_ns()
-        filtered = self.front.preprocessor.process(samples)
+        filtered = self.last_filtered = self.front.preprocessor.process(samples)  # valid until the next chunk
         self.stage_ns[0] = time.perf_counter_ns() - t0
         return self.process_filtered(filtered, encode)
 
@@ -286,25 +287,125 @@ def raise_priority(priority: int = 10) -> bool:
         return False
 
 
+class SignalHealth:
+    """What a live stream's samples did wrong, counted per channel as they pass (the run's statistics).
+
+    - saturated: raw samples at an integer type's limits; in a float stream, finite samples at or beyond the
+      int16 full scale of the bundle's gain (``32767 x gain_to_uV`` uV);
+    - non-finite (NaN, inf): counted by the preprocessor, which filters 0 uV in their place so that the filter
+      state stays finite;
+    - flat: a channel whose raw samples did not change over a window of ``WINDOW_S``;
+    - noisy: a channel whose filtered noise over a window (MAD / 0.6745, as the bundle's noise levels) is more
+      than ``NOISY_X`` times its noise level in the bundle.
+
+    Windows see one sample every ``STRIDE_S`` (200 per window): the median
+    ignores a short burst (a saturated stretch, a spike train). Flat and noisy
+    are counted in windows (seconds), with a warning when a channel turns bad
+    and when it recovers. Cost: two reductions and a strided copy per chunk
+    (about 10 us at 384 channels), and about 1 ms per window.
+    """
+
+    STRIDE_S = 0.005
+    WINDOW_S = 1.0
+    NOISY_X = 3.0
+
+    def __init__(self, noise_uV: np.ndarray, sampling_rate: float, rail_uV: float):
+        c = noise_uV.size
+        self.noise_uV = np.asarray(noise_uV, np.float32)
+        self.stride = max(1, int(round(self.STRIDE_S * sampling_rate)))
+        self.rows = max(10, int(round(self.WINDOW_S / self.STRIDE_S)))
+        self.rail_uV = float(rail_uV)
+        self._raw = np.zeros((self.rows, c), np.float32)
+        self._filtered = np.zeros((self.rows, c), np.float32)
+        self._n = 0
+        self._limits = None
+        self.saturated = np.zeros(c, np.int64)
+        self.flat = np.zeros(c, bool)  # in the last window
+        self.noisy = np.zeros(c, bool)
+        self.flat_s = np.zeros(c, np.int64)  # windows flagged
+        self.noisy_s = np.zeros(c, np.int64)
+
+    def set_scale(self, dtype, gains_to_uV) -> None:
+        """The raw samples' type and gain (known with the first chunk): where saturation starts."""
+        dtype = np.dtype(dtype)
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            self._limits = (True, info.min, info.max)
+        else:
+            gain = np.abs(np.broadcast_to(np.asarray(gains_to_uV, np.float64), self.noise_uV.shape))
+            self._limits = (False, None, (self.rail_uV / np.maximum(gain, 1e-30)).astype(np.float32))
+
+    def update(self, first_sample: int, raw: np.ndarray, filtered: np.ndarray) -> None:
+        integer, lo, hi = self._limits
+        n = raw.shape[0]
+        if n == 0:
+            return
+        if integer:
+            if raw.min() <= lo or raw.max() >= hi:
+                self.saturated += np.count_nonzero((raw <= lo) | (raw >= hi), axis=0)
+        else:
+            top = float(np.abs(raw).max())  # NaN or inf: look closer too
+            if not top < float(hi.min()):
+                with np.errstate(invalid="ignore"):
+                    self.saturated += np.count_nonzero((np.abs(raw) >= hi) & np.isfinite(raw), axis=0)
+        i = (-first_sample) % self.stride
+        r, f = raw[i::self.stride], filtered[i::self.stride]
+        while r.shape[0]:  # a long chunk may end one window and start the next
+            k = min(r.shape[0], self.rows - self._n)
+            self._raw[self._n:self._n + k] = r[:k]
+            self._filtered[self._n:self._n + k] = f[:k]
+            self._n += k
+            r, f = r[k:], f[k:]
+            if self._n == self.rows:
+                self._window()
+                self._n = 0
+
+    def _window(self) -> None:
+        flat = self._raw.max(axis=0) == self._raw.min(axis=0)  # NaN compares unequal: not flat
+        mad = np.median(np.abs(self._filtered), axis=0) / np.float32(0.6745)
+        noisy = mad > self.NOISY_X * self.noise_uV
+        for now, before, what in ((flat, self.flat, "flat"), (noisy, self.noisy, "noisy")):
+            for c in np.flatnonzero(now & ~before).tolist():
+                log.warning("channel %d is %s", c, what)
+            for c in np.flatnonzero(before & ~now).tolist():
+                log.warning("channel %d is no longer %s", c, what)
+        self.flat, self.noisy = flat, noisy
+        self.flat_s += flat
+        self.noisy_s += noisy
+
+    def stats(self) -> dict:
+        def per_channel(a):
+            return {str(c): int(a[c]) for c in np.flatnonzero(a).tolist()}
+        return {"saturated_samples": int(self.saturated.sum()), "saturated_channels": per_channel(self.saturated),
+                "flat_channel_s": per_channel(self.flat_s), "noisy_channel_s": per_channel(self.noisy_s)}
+
+
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
                chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
                resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0,
-               track_rate: float | None = None) -> dict:
+               track_rate: float | None = None, report=None, report_every_s: float = 60.0) -> dict:
     """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
 
     Overload policy: when a live chunk arrives more than ``max_lag_ms`` after
     its last sample was taken (the pipeline has fallen behind), its spikes are
     detected and emitted unlabelled (-1) without encoding, and counted as
-    ``skipped_encoding``, until the lag is back under the bound. Detection
-    alone runs at about 10x real time at 384 channels, so the backlog drains
-    instead of growing; no chunk is dropped by rtsort itself.
+    ``skipped_encoding``, until the lag is back under the bound. A source
+    that has fallen behind hands over its backlog in larger chunks (an LSL
+    inlet pulls up to 50 ms, the ZeroMQ source joins waiting messages up to
+    50 ms), which cost less per sample; detection alone on 50 ms chunks runs
+    at several times real time at 384 channels, so the backlog drains instead
+    of growing; no chunk is dropped by rtsort itself.
 
     Returns the run's statistics: counts, compute per chunk (total and per
     stage), and per spike the algorithmic wait (trough to the end of the chunk
     that completed it) and trough-to-emission time on the source clock; those
     of the peeled spikes (collisions and matches found in the residual, ``rtsort.peel``)
-    apart, as ``peeled_wait_ms`` and ``peeled_trough_to_emit_ms``. Sinks
-    are closed on every exit, so spikes already found always reach the output.
+    apart, as ``peeled_wait_ms`` and ``peeled_trough_to_emit_ms``; what
+    the samples did wrong (:class:`SignalHealth`: non-finite, saturated, flat
+    and noisy channels). Sinks are closed on every exit, so spikes already
+    found always reach the output; a sink that fails (a full disk) is reported
+    in ``sink_errors`` and the others keep running. ``report``, if given, is
+    called with the statistics so far every ``report_every_s`` seconds.
     """
     from .streams import FileSource, open_sink, open_source
     from .streams.replay import now
@@ -328,10 +429,47 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait = (Distribution() for _ in range(7))
     stages = [Distribution() for _ in STAGES]
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
+    health = SignalHealth(bundle.noise_levels[1], fs, 32767.0 * bundle.gain_to_uV)
+    sink_errors = {}  # sink -> its first error; the others go on
+    failed = set()  # sinks that raised: written to no more (a file sink counts its own failed writes and goes on)
+    names = [s if isinstance(s, str) else getattr(s, "__name__", "callback") for s in sinks]
+
+    def snapshot() -> dict:
+        c = dict(counts)
+        c.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped,
+                 candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped,
+                 tails_dropped=pipe.n_tails, peeled=pipe.peeler.n_peeled if pipe.peeler is not None else 0)
+        c["malformed"] = dict(getattr(src, "malformed", {}))
+        c["source_gaps"] = len(getattr(src, "gaps", []))
+        c["source"] = src.stats() if hasattr(src, "stats") else {}  # a source's own counts (lost messages, ...)
+        c["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
+        c["sink_errors"] = dict(sink_errors)
+        c["nonfinite_samples"] = int(pipe.front.preprocessor.n_nonfinite)
+        c["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
+        c.update(health.stats())
+        motion = pipe.front.motion
+        c["motion_um"] = None if motion is None else {  # the tracker's estimate at the end of the run
+            "displacement_um": motion.window_disp.round(2).tolist(), "window_centres_um": motion.centres.tolist(),
+            "updates": motion.updates}
+        return {**c,
+                "compute_s_total": compute.total,
+                "compute_ms": compute.percentiles(1000.0),
+                "stage_ms": {name: d.percentiles(1000.0) for name, d in zip(STAGES, stages)},
+                "sink_ms": sink_ns.percentiles(1000.0),
+                "wait_ms": wait.percentiles(1000.0),
+                "arrival_ms": arrival.percentiles(1000.0),
+                "trough_to_emit_ms": latency.percentiles(1000.0),  # non-finite values (no timestamps) are left out
+                "peeled_wait_ms": peeled_wait.percentiles(1000.0),
+                "peeled_trough_to_emit_ms": peeled_latency.percentiles(1000.0)}
+
     expected = None
     last_data = time.monotonic()
+    next_report = time.monotonic() + report_every_s
     try:
         while stop is None or not stop.is_set():
+            if report is not None and time.monotonic() >= next_report:  # while data flows and while it does not
+                next_report = time.monotonic() + report_every_s
+                report(snapshot())
             chunk = src.read()
             if chunk is None:
                 if isinstance(src, FileSource):
@@ -348,6 +486,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                     gains = getattr(src, "gain_to_uV", None) or (
                         bundle.gain_to_uV if chunk.samples.dtype.kind in "iu" else 1.0)
                 pipe.front.preprocessor.set_scaling(gains, getattr(src, "offsets_to_uV", 0.0))
+                health.set_scale(chunk.samples.dtype, gains)
                 pipe.reset(chunk.first_sample)
                 expected = chunk.first_sample
             t0 = time.perf_counter()
@@ -369,8 +508,17 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             if spikes.size:
                 ts = (chunk.timestamp if chunk.timestamp is not None else np.nan) + \
                     (spikes["sample_index"] - chunk.first_sample) / fs
-                for sink in outs:
-                    sink.write(spikes, ts)
+                for name, sink in zip(names, outs):
+                    if name in failed:
+                        continue
+                    try:
+                        sink.write(spikes, ts)
+                    except Exception as exc:  # one sink's failure must not stop the others
+                        failed.add(name)
+                        sink_errors[name] = f"{type(exc).__name__}: {exc}"
+                        log.error("sink %s failed (%s); the other sinks go on", name, sink_errors[name])
+                    if getattr(sink, "error", None) and name not in sink_errors:  # it counts its own losses
+                        sink_errors[name] = sink.error
                 k = spikes.size - pipe.last_peeled
                 if live:
                     late = now() - ts
@@ -379,10 +527,13 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 waits = (last - spikes["sample_index"]) / fs
                 wait.add(waits[:k])
                 peeled_wait.add(waits[k:])
-            sink_ns.add_one(time.perf_counter_ns() - t1)
+            # in seconds: Distribution bins magnitudes up to 1e6, so nanoseconds above 1 ms would all fall in its
+            # last bin (their percentiles read ~1.01 ms)
+            sink_ns.add_one((time.perf_counter_ns() - t1) * 1e-9)
+            health.update(chunk.first_sample, chunk.samples, pipe.last_filtered)  # after the spikes have left
             compute.add_one(time.perf_counter() - t0)
             for d, ns in zip(stages, pipe.stage_ns.tolist()):
-                d.add_one(ns)
+                d.add_one(ns * 1e-9)
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
             if duration is not None and counts["samples"] >= duration * fs:
@@ -390,31 +541,16 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     except KeyboardInterrupt:
         log.warning("interrupted: closing the sinks")
     finally:
-        for sink in outs:
-            sink.close()
+        for name, sink in zip(names, outs):
+            try:
+                sink.close()
+            except Exception as exc:  # the others are closed all the same
+                before = sink_errors.get(name)
+                sink_errors[name] = f"{before}; at close: {exc}" if before else f"{type(exc).__name__}: {exc}"
+                log.error("sink %s failed at close (%s)", name, exc)
         src.close()
-    counts.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped,
-                  candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped,
-                  tails_dropped=pipe.n_tails, peeled=pipe.peeler.n_peeled if pipe.peeler is not None else 0)
-    counts["malformed"] = dict(getattr(src, "malformed", {}))
-    counts["source_gaps"] = len(getattr(src, "gaps", []))
-    counts["source"] = src.stats() if hasattr(src, "stats") else {}  # a source's own counts (lost messages, ...)
-    counts["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
-    motion = pipe.front.motion
-    counts["motion_um"] = None if motion is None else {  # the tracker's estimate at the end of the run
-        "displacement_um": motion.window_disp.round(2).tolist(), "window_centres_um": motion.centres.tolist(),
-        "updates": motion.updates}
-    stats = {**counts,
-             "compute_s_total": compute.total,
-             "compute_ms": compute.percentiles(1000.0),
-             "stage_ms": {name: d.percentiles(1e-6) for name, d in zip(STAGES, stages)},
-             "sink_ms": sink_ns.percentiles(1e-6),
-             "wait_ms": wait.percentiles(1000.0),
-             "arrival_ms": arrival.percentiles(1000.0),
-             "trough_to_emit_ms": latency.percentiles(1000.0),  # non-finite values (no timestamps) are left out
-             "peeled_wait_ms": peeled_wait.percentiles(1000.0),
-             "peeled_trough_to_emit_ms": peeled_latency.percentiles(1000.0)}
+    stats = snapshot()
     log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
-             "p99 %.3f ms", counts["chunks"], counts["spikes"], counts["unassigned"], counts["skipped_encoding"],
-             counts["gaps"], stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))
+             "p99 %.3f ms", stats["chunks"], stats["spikes"], stats["unassigned"], stats["skipped_encoding"],
+             stats["gaps"], stats["compute_ms"].get("p50", 0), stats["compute_ms"].get("p99", 0))
     return stats

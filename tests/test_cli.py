@@ -8,7 +8,7 @@ import pytest
 from rtsort.cli import main
 
 COMMANDS = ["simulate", "detect", "train", "sort", "eval", "report", "phy", "curate", "run", "replay", "bench", "demo", "export",
-            "batch"]
+            "batch", "recover"]
 
 
 def _run(*args):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 
@@ -62,7 +63,7 @@ def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float
             return OpenEphysSource(target, n_channels, sampling_rate, timeout_s=0.2)
         from .zmq import ZmqSource
 
-        return ZmqSource(target, n_channels, sampling_rate, timeout_s=0.2)
+        return ZmqSource(target, n_channels, sampling_rate, timeout_s=0.2, max_chunk_s=0.05)  # backlogs in 50 ms
     if scheme == "lsl":
         from .lsl import LslSource
 
@@ -76,14 +77,40 @@ WIRE_SPIKE_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel
                              ("amplitude", "<f4")])
 
 
+def _env_int(name: str, default: int, low: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        raise StreamFormatError(f"{name}={text!r}: expected a whole number") from None
+    if value < low:
+        raise StreamFormatError(f"{name}={text!r}: must be >= {low}")
+    return value
+
+
+def _sink_buffers() -> dict:
+    """What a ZeroMQ spike sink holds for a subscriber that does not read before it drops: ``RTSORT_ZMQ_SNDHWM``
+    messages (default 100000) queued by ZeroMQ, then the TCP send buffer, ``RTSORT_ZMQ_SNDBUF`` bytes (default
+    -1: the OS's, autotuned up to a few MB)."""
+    return {"hwm": _env_int("RTSORT_ZMQ_SNDHWM", 100000, 1), "sndbuf": _env_int("RTSORT_ZMQ_SNDBUF", -1, -1)}
+
+
 class ZmqSpikeSink:
-    """Publish labelled spikes (wire format 'spikes', with the trough's time on the source clock)."""
+    """Publish labelled spikes (wire format 'spikes', with the trough's time on the source clock).
+
+    Each message's header carries ``seq`` (0, 1, 2, ...): PUB drops the
+    messages a subscriber has not read once its queue holds ``RTSORT_ZMQ_SNDHWM``
+    of them (never blocking the pipeline, never holding up the other
+    subscribers), so a subscriber counts what it lost from the jumps in ``seq``
+    (``RTSORT_ZMQ_SNDBUF`` bounds the TCP send buffer too: :func:`_sink_buffers`).
+    """
 
     def __init__(self, uri: str):
         from .zmq import ZmqPublisher, spikes_message
 
-        self.pub = ZmqPublisher(uri)
+        self.pub = ZmqPublisher(uri, **_sink_buffers())
         self._message = spikes_message
+        self.seq = 0
 
     @property
     def dropped(self) -> int:
@@ -94,7 +121,8 @@ class ZmqSpikeSink:
         for name in ("sample_index", "unit", "channel", "amplitude"):
             out[name] = spikes[name]
         out["timestamp"] = timestamps
-        self.pub.send(self._message(out))
+        self.pub.send(self._message(out, seq=self.seq))
+        self.seq += 1
 
     def close(self) -> None:
         self.pub.close()

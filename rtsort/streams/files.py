@@ -1,17 +1,22 @@
 """The crash-safe spike file: an append-only log while running, the spikes contract (.npz) at the end.
 
 Each batch of spikes is appended to ``PATH.log`` (fixed-size binary records
-after a JSON header line) with one unbuffered write, so a ``kill -9`` of rtsort loses
+after a JSON header line) with unbuffered writes, so a ``kill -9`` of rtsort loses
 nothing that was written (a power cut: at most what the OS had not written).
-On close the log becomes ``PATH`` (the .npz contract) and is removed. A log
-left by a crashed run is turned into ``PATH`` by :func:`recover_spike_file`
-(``SpikeFileSink`` does it, into ``PATH.recovered.npz``, before starting over).
+On close the log becomes ``PATH`` (the .npz contract, in trough order) and is
+removed. A log left by a crashed run is turned into ``PATH`` by
+:func:`recover_spike_file` (``rtsort recover PATH.log --out PATH``;
+``SpikeFileSink`` does it, into ``PATH.recovered.npz``, before starting over).
+A write that fails (a full disk) never stops the run: the log is cut back to
+its last whole record, the batch is counted in ``dropped`` and the error kept
+in ``error``; later batches are tried again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +44,40 @@ def read_spike_log(path: str | Path) -> tuple[np.ndarray, float, np.ndarray]:
     any tool can follow it while it grows: ``np.fromfile(f, dtype, offset=len(header))``.
     """
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot read the spike log ({exc.strerror or exc})") from None
     end = data.find(b"\n")
     try:
         header = json.loads(data[:end]) if end > 0 else {}
     except ValueError:
         header = {}
-    if header.get("format") != LOG_MAGIC:
+    if not isinstance(header, dict) or header.get("format") != LOG_MAGIC:
         raise RecordingError(f"{path}: not an rtsort spike log")
+    try:
+        fs = float(header["sampling_rate"])
+    except (KeyError, TypeError, ValueError):
+        raise RecordingError(f"{path}: the spike log's header has no valid sampling_rate") from None
     body = data[end + 1:]
     n = len(body) // RECORD_DTYPE.itemsize  # the record being written when the process died is dropped
     rec = np.frombuffer(body, dtype=RECORD_DTYPE, count=n)
     spikes = np.zeros(n, SPIKE_DTYPE)
     for name in SPIKE_DTYPE.names:
         spikes[name] = rec[name]
-    return spikes, float(header["sampling_rate"]), rec["timestamp"].copy()
+    return spikes, fs, rec["timestamp"].copy()
+
+
+def _in_trough_order(spikes: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A live run's spikes leave nearly in trough order (peeled ones a little later): the file is in trough order."""
+    order = np.lexsort((spikes["channel"], spikes["sample_index"]))
+    return spikes[order], ts[order]
 
 
 def recover_spike_file(log_file: str | Path, out: str | Path) -> Path:
-    """Write the spikes contract ``out`` from a crashed run's log; return ``out``."""
+    """Write the spikes contract ``out`` (in trough order) from a crashed run's log; return ``out``."""
     spikes, fs, ts = read_spike_log(log_file)
+    spikes, ts = _in_trough_order(spikes, ts)
     save_spikes(out, spikes, fs, timestamp=ts)
     log.warning("recovered %d spikes from %s into %s", spikes.size, log_file, out)
     return Path(out)
@@ -73,23 +92,58 @@ class SpikeFileSink:
             raise RecordingError(f"{self.path}: a spike file sink must end in .npz")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.log = log_path(self.path)
-        if self.log.exists():
-            recover_spike_file(self.log, self.path.with_name(self.path.stem + ".recovered.npz"))
+        if self.log.exists():  # a crashed run's: into a name no earlier recovery holds
+            recovered = self.path.with_name(self.path.stem + ".recovered.npz")
+            k = 1
+            while recovered.exists():
+                recovered = self.path.with_name(f"{self.path.stem}.recovered-{k}.npz")
+                k += 1
+            recover_spike_file(self.log, recovered)
         self.sampling_rate = float(sampling_rate)
-        self._fh = open(self.log, "wb", buffering=0)
         header = {"format": LOG_MAGIC, "sampling_rate": self.sampling_rate, "fields": RECORD_DTYPE.descr}
-        self._fh.write(json.dumps(header).encode() + b"\n")
+        try:
+            self._fh = open(self.log, "wb", buffering=0)
+            self._write_all(json.dumps(header).encode() + b"\n")
+        except OSError as exc:
+            raise RecordingError(f"{self.log}: cannot write the spike log ({exc.strerror or exc})") from None
+        self._size = self._fh.tell()  # bytes of whole records (and the header) in the log
         self.n = 0
+        self.dropped = 0  # spikes whose write failed (a full disk)
+        self.error = None  # the first write error, as text
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view.nbytes:  # an unbuffered write may take part of the bytes (a disk filling up)
+            view = view[self._fh.write(view):]
 
     def write(self, spikes: np.ndarray, timestamps: np.ndarray | None = None) -> None:
-        """Append a batch (one unbuffered write: in the OS's hands at return, so it survives a kill -9)."""
+        """Append a batch (unbuffered writes: in the OS's hands at return, so it survives a kill -9).
+
+        A failed write (OSError: no space, a file size limit) is counted in
+        ``dropped`` and logged once; the log is cut back to its last whole
+        record so that it stays readable, and the next batch is tried again.
+        """
         if spikes.size == 0:
             return
         rec = np.empty(spikes.size, RECORD_DTYPE)
         for name in SPIKE_DTYPE.names:
             rec[name] = spikes[name]
         rec["timestamp"] = np.nan if timestamps is None else timestamps
-        self._fh.write(rec.tobytes())
+        try:
+            self._write_all(rec.tobytes())
+        except OSError as exc:
+            self.dropped += spikes.size
+            if self.error is None:
+                self.error = f"{self.log}: {exc.strerror or exc}"
+                log.error("%s; %d spikes written so far, later ones counted as dropped until writes succeed again",
+                          self.error, self.n)
+            try:  # a torn record would shift every later one: cut it
+                os.ftruncate(self._fh.fileno(), self._size)
+                self._fh.seek(self._size)
+            except OSError:
+                pass
+            return
+        self._size += rec.nbytes
         self.n += spikes.size
 
     def close(self) -> Path:
@@ -97,7 +151,13 @@ class SpikeFileSink:
             return self.path
         self._fh.close()
         spikes, fs, ts = read_spike_log(self.log)
-        save_spikes(self.path, spikes, fs, timestamp=ts)
+        spikes, ts = _in_trough_order(spikes, ts)
+        try:
+            save_spikes(self.path, spikes, fs, timestamp=ts)
+        except OSError as exc:  # the log stays: nothing written is lost
+            self.path.with_name(self.path.name + ".tmp.npz").unlink(missing_ok=True)
+            raise RecordingError(f"{self.path}: not written ({exc.strerror or exc}); its {spikes.size} spikes stay in "
+                                 f"{self.log}: rtsort recover {self.log} --out {self.path}") from None
         self.log.unlink()
         log.info("%d spikes -> %s", spikes.size, self.path)
         return self.path
