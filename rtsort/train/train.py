@@ -229,8 +229,19 @@ def late_events(events, labels, fe, templates: np.ndarray, config: Config) -> np
 
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
                  progress: bool = True) -> TrainResult:
-    """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring)."""
-    config = config or Config()
+    """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring).
+
+    BLAS and OpenMP run on one thread here: a decomposition (the PCA encoder, the SVD that starts the Transformer's
+    projection) sums in an order that depends on the thread count, and the same recording, configuration and seed
+    must give the same bundle on a workstation and on a one-thread Dask worker. The Transformer's fit sets its own
+    threads (``[train] threads``)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _train_bundle(recording, out_dir, config or Config(), seed, progress)
+
+
+def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, progress: bool) -> TrainResult:
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
