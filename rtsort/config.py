@@ -287,7 +287,7 @@ class MotionConfig:
     """
 
     mode: str = "auto"
-    auto_min_span_um: float = 400.0
+    auto_min_span_um: float = 200.0
     step_s: float = 0.5
     tau_s: float = 1.0
     max_um: float = 60.0
