@@ -51,7 +51,10 @@ def small_filtered(small_sim):
                             rec.gains_to_uV, rec.offsets_to_uV)
 
 
-SMALL_TRAIN = {"train": {"epochs": 8, "max_snippets": 3000, "patience": 3}}
+# The shared bundle: a short Transformer run, motion correction off. small_sim is a still probe and the tests
+# that use this bundle (peeling, parity, faults) check other stages spike by spike; tests/test_motion.py
+# covers motion correction.
+SMALL_TRAIN = {"train": {"epochs": 8, "max_snippets": 3000, "patience": 3}, "motion": {"mode": "off"}}
 
 
 @pytest.fixture(scope="session")
