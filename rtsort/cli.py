@@ -106,7 +106,7 @@ def _ground_truth(recording, truth_path: Path, config, max_seconds: float = 120.
     truth = _load_truth(truth_path)
     n = min(recording.n_samples, int(max_seconds * recording.sampling_rate))
     filtered = preprocess_array(recording.get_traces(0, n), config.preprocess, recording.sampling_rate,
-                                recording.gains_to_uV, recording.offsets_to_uV)
+                                recording.gains_to_uV, recording.offsets_to_uV, recording.probe.positions_um)
     scorer = GroundTruth(truth["sample_index"], truth["unit"], filtered, recording.probe.positions_um,
                          recording.sampling_rate, valid_stop=n - int(0.002 * recording.sampling_rate))
     return scorer, filtered

@@ -61,7 +61,9 @@ class PreprocessConfig:
     freq_min: float = 300.0
     freq_max: float = 6000.0
     filter_order: int = 3
-    reference: str = "median"  # "median", "average" or "none"
+    # "auto" (the median where a spike covers less than half of the probe's channels, else none), "median",
+    # "average" or "none"
+    reference: str = "auto"
 
     def __post_init__(self):
         _check_positive("preprocess.freq_min", self.freq_min)
@@ -72,7 +74,7 @@ class PreprocessConfig:
             )
         if not isinstance(self.filter_order, int) or not 1 <= self.filter_order <= 8:
             raise ConfigError(f"preprocess.filter_order must be an integer in 1..8, got {self.filter_order!r}")
-        _check_choice("preprocess.reference", self.reference, ("median", "average", "none"))
+        _check_choice("preprocess.reference", self.reference, ("auto", "median", "average", "none"))
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class FrontEnd:
         self.sampling_rate = float(sampling_rate)
         self.n_channels = probe.n_channels
         self.preprocessor = Preprocessor(config.preprocess, sampling_rate, self.n_channels, gains_to_uV,
-                                         offsets_to_uV)
+                                         offsets_to_uV, probe.positions_um)
         self.detector = GradientDetector(config.detect, probe, sampling_rate, noise_levels)
         self.snippets = (
             SnippetExtractor(config.snippets, probe, sampling_rate, self.detector.event_ages)
@@ -117,7 +117,7 @@ class FrontEnd:
                 f"{recording.source}: {recording.n_samples} samples; at least 0.1 s is needed to estimate noise"
             )
         filtered = preprocess_array(recording.get_traces(0, n), self.config.preprocess, recording.sampling_rate,
-                                    recording.gains_to_uV, recording.offsets_to_uV)
+                                    recording.gains_to_uV, recording.offsets_to_uV, recording.probe.positions_um)
         noise = self.detector.calibrate(filtered)
         log.info("noise levels from %.1f s: median slope noise %.2f uV, voltage noise %.2f uV",
                  n / recording.sampling_rate, float(np.median(noise[0])), float(np.median(noise[1])))

@@ -206,6 +206,12 @@ class MotionSchedule(_Motion):
         self.updates = 0
         self._at(first_sample // self.step)
 
+    def at_spikes(self, samples: np.ndarray, channels: np.ndarray) -> np.ndarray:
+        """The displacement (um) applied to each spike: at its step, at its channel's depth."""
+        k = np.clip(np.asarray(samples) // self.step, 0, self.step_disp.shape[0] - 1)
+        per_channel = np.stack([channel_displacement(d, self.centres, self.depths) for d in self.step_disp])
+        return per_channel[k, np.asarray(channels)]
+
     def update(self, boundary: int) -> None:
         self.updates += 1
         self._at(boundary // self.step)

@@ -48,7 +48,7 @@ def small_filtered(small_sim):
     rec, _, _ = small_sim
     cfg = Config()
     return preprocess_array(rec.get_traces(0, rec.n_samples), cfg.preprocess, rec.sampling_rate,
-                            rec.gains_to_uV, rec.offsets_to_uV)
+                            rec.gains_to_uV, rec.offsets_to_uV, rec.probe.positions_um)
 
 
 # The shared bundle: a short Transformer run, motion correction off. small_sim is a still probe and the tests

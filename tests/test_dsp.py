@@ -82,3 +82,14 @@ def test_wrong_channel_count_is_refused():
     pre = Preprocessor(PreprocessConfig(), 30000.0, 4)
     with pytest.raises(ValueError, match=r"expected \(n_samples, 4\)"):
         pre.process(np.zeros((10, 5), np.int16))
+
+
+def test_auto_reference_is_the_median_unless_a_spike_covers_half_the_probe():
+    from rtsort.dsp import resolve_reference
+
+    tetrode = np.array([[0.0, 0.0], [25.0, 0.0], [0.0, 25.0], [25.0, 25.0]])
+    column = np.column_stack([np.zeros(32), 25.0 * np.arange(32)])
+    assert resolve_reference("auto", tetrode) == "none"  # every channel carries every spike
+    assert resolve_reference("auto", column) == "median"
+    assert resolve_reference("median", tetrode) == "median"  # an explicit choice stands
+    assert resolve_reference("auto", None) == "median"

@@ -295,6 +295,65 @@ def test_split_groups_separates_neighbours_of_one_shape_and_keeps_one_unit_whole
     assert np.all(split_groups(np.zeros(300, np.int64), one, c1, channel_index, n_ch, ClusterConfig()) == 0)
 
 
+def test_unimodal_merges_keeps_two_sizes_of_one_shape_apart_and_joins_one_neuron_cut_in_two():
+    """A tetrode's neighbours: one waveform shape on the same four channels at 1.0x and 0.75x (template distance
+    0.25, under merge_threshold) stay two units, also 50 spikes beside 1000. One neuron cut in two by its
+    amplitude (a cut a clustering makes in one population) is merged; so are two groups that take turns over time
+    (one neuron at two depths of a step drift), which the waveforms alone keep apart, and pieces locked to the
+    depths that motion correction removed."""
+    from rtsort.config import ClusterConfig
+    from rtsort.train.cluster import template_distances, templates_on_probe, unimodal_merges
+
+    rng = np.random.default_rng(3)
+    n_ch, t_len = 4, 30
+    channel_index = np.array([np.roll(np.arange(n_ch), -c) for c in range(n_ch)])
+    t = np.linspace(0, 1, t_len)
+    shape = -np.exp(-((t - 0.4) / 0.06) ** 2) + 0.3 * np.exp(-((t - 0.6) / 0.1) ** 2)
+    profile = np.array([12.0, 9.0, 7.0, 5.0])
+    cfg = ClusterConfig()
+
+    def spikes(n, scale):
+        full = shape[None, :, None] * (profile[None, None, :] * scale[:, None, None]) + rng.normal(0, 1, (n, t_len,
+                                                                                                        n_ch))
+        return full.astype(np.float32), np.zeros(n, np.int64)  # every snippet starts at channel 0
+
+    def merges(groups, xn, ch, times=None, motion=None):
+        n = int(groups.max()) + 1
+        tm, counts = templates_on_probe(xn, ch, channel_index, groups, n, n_ch)
+        dist = template_distances(tm, counts)
+        return unimodal_merges(groups, dist, tm, counts, xn, ch, channel_index, cfg, 0, times, motion), dist
+
+    for n_small in (1000, 50):
+        a, ca = spikes(1000, rng.normal(1.0, 0.05, 1000))
+        b, cb = spikes(n_small, rng.normal(0.75, 0.05, n_small))
+        groups = np.r_[np.zeros(1000, np.int64), np.ones(n_small, np.int64)]
+        out, dist = merges(groups, np.concatenate([a, b]), np.concatenate([ca, cb]))
+        assert dist[0, 1] < cfg.merge_threshold  # alike enough that the template distance alone would merge them
+        assert out[0] != out[1]
+    scale = rng.normal(1.0, 0.1, 1000)
+    one, c1 = spikes(1000, scale)
+    cut = (scale > np.quantile(scale, 0.7)).astype(np.int64)
+    out, _ = merges(cut, one, c1)
+    assert out[0] == out[1]
+    # a step drift: the neuron sits at one depth (its amplitude 1.0x) for 2 s, then at another (0.75x) for 2 s
+    times = np.sort(rng.uniform(0, 120, 2000))
+    deep = (times // 2).astype(int) % 2 == 1
+    steps, cs = spikes(2000, np.where(deep, 0.75, 1.0) * rng.normal(1.0, 0.05, 2000))
+    out, _ = merges(deep.astype(np.int64), steps, cs)
+    assert out[0] != out[1]  # two modes in waveform; only the time says they are one neuron
+    out, _ = merges(deep.astype(np.int64), steps, cs, times)
+    assert out[0] == out[1]
+    # three steps of 40 s (0, +20, -10 um) that motion correction left imperfect: three pieces, each pair's counts
+    # correlate at -0.5 only; the displacement applied to their spikes says they are one neuron
+    times = np.sort(rng.uniform(0, 120, 3000))
+    step = np.minimum((times // 40).astype(np.int64), 2)
+    pieces, cp = spikes(3000, np.array([1.0, 0.75, 0.55])[step] * rng.normal(1.0, 0.05, 3000))
+    out, _ = merges(step, pieces, cp, times)
+    assert np.unique(out).size == 3
+    out, _ = merges(step, pieces, cp, times, np.array([0.0, 20.0, -10.0])[step])
+    assert np.unique(out).size == 1
+
+
 def test_tail_units_are_the_units_locked_to_a_bigger_neighbour():
     """A unit made of a big unit's late phase (its events 1 ms after that unit's) is a tail; an independent
     neighbour, a tail-like train 200 um away, and the big unit itself are not; tail_fraction 0 keeps all."""

@@ -34,7 +34,7 @@ def main():
         rec = simulate(tmp, args.channels, args.units, args.duration, args.seed, progress=False)
         truth = dict(np.load(Path(tmp) / "truth.npz"))
         x = preprocess_array(rec.get_traces(0, rec.n_samples), cfg.preprocess, rec.sampling_rate,
-                             rec.gains_to_uV, rec.offsets_to_uV)
+                             rec.gains_to_uV, rec.offsets_to_uV, rec.probe.positions_um)
     results = compare_detectors(x, truth["sample_index"], truth["unit"], rec.probe, rec.sampling_rate, cfg.detect,
                                 valid_stop=x.shape[0] - 60)
     bins = list(results["rtsort_gradient"]["recall_by_snr"])

@@ -5,10 +5,13 @@
    Each group is then split where its spikes, read on the group's own
    channels, form several dense groups (:func:`split_groups`): neighbouring
    units of one shape share a group in the global feature space.
-2. Groups whose mean waveforms are the same unit (relative distance below
+2. Groups whose mean waveforms are alike (relative distance below
    ``merge_threshold`` after the best shift of +/-1 sample, on the channels both
-   cover) are merged by average-linkage agglomerative clustering. A unit whose
-   spikes peak on two channels is found as two groups and merged here.
+   cover) are merged, nearest first, when their spikes are one population
+   (:func:`unimodal_merges`): projected on the line between the two mean
+   waveforms they form one mode (Hartigan's dip test). A unit whose spikes peak
+   on two channels, or that HDBSCAN cut in two, is merged here; two neurons of
+   one shape and different size (a tetrode's neighbours) stay apart.
 3. Units that are one neuron split by drift (near, alike, and taking turns
    over time) are joined (:func:`drift_merges`); units that are a bigger
    unit's tails (their spikes locked to its spikes at a lag of 0.2-2 ms) are
@@ -43,6 +46,10 @@ LOCKED_RANK = 0.25
 LOCKED_Z = 3.0
 TAIL_MIN_LAG_MS = 0.2  # closer than this, two units' events are one spike seen twice, not a tail
 TAIL_UM = 100.0  # a tail unit sits this close to its parent
+# two groups are two populations when the dip test rejects one mode at this level (the usual 1 %); the test
+# sees at most DIP_MAX_SPIKES spikes of each group
+DIP_P = 0.01
+DIP_MAX_SPIKES = 2000
 
 
 @dataclass
@@ -87,6 +94,147 @@ def template_distances(templates: np.ndarray, counts: np.ndarray, max_shift: int
     return d
 
 
+def _on_channels(m: np.ndarray, chans: np.ndarray, xn: np.ndarray, channels: np.ndarray, slot: np.ndarray,
+                 fill: np.ndarray) -> np.ndarray:
+    """Spikes ``m``'s snippets on the probe's channels ``chans``: (n, T, len(chans)); a channel outside a spike's
+    snippet takes ``fill`` (T, len(chans))."""
+    where = slot[channels[m]][:, chans]
+    w = np.take_along_axis(xn[m], np.maximum(where, 0)[:, None, :], axis=2)
+    return np.where(where[:, None, :] >= 0, w, fill[None])
+
+
+def _aligned(w: np.ndarray, template: np.ndarray, max_shift: int) -> np.ndarray:
+    """Each snippet of ``w`` (n, T, C) shifted by the whole samples (up to ``max_shift``) that best match it to
+    ``template`` (T, C): a detector aligns a spike to the trough of the channel it was found on, and one neuron's
+    spikes found on two channels come in two alignments."""
+    shifts = np.arange(-max_shift, max_shift + 1)
+    score = np.stack([np.einsum("ntc,tc->n", w, np.roll(template, s, axis=0)) for s in shifts], axis=1)
+    best = shifts[score.argmax(axis=1)]  # the snippet matches the template moved by this much: move it back
+    idx = (np.arange(w.shape[1])[None, :] + best[:, None]) % w.shape[1]
+    return np.take_along_axis(w, idx[:, :, None], axis=1)
+
+
+def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts: np.ndarray, xn: np.ndarray,
+                    channels: np.ndarray, channel_index: np.ndarray, cfg: ClusterConfig, seed: int = 0,
+                    times_s: np.ndarray | None = None, motion_um: np.ndarray | None = None,
+                    max_shift: int = 1) -> np.ndarray:
+    """Merge alike groups whose spikes are one population; return the unit of each group.
+
+    Pairs of groups whose template distance is below ``merge_threshold``, and
+    that average-linkage clustering of those distances at ``merge_threshold``
+    puts together, are taken nearest first. Each side is the merged unit its group belongs to by
+    then. Their spikes, on the channels both cover (the second aligned by the
+    templates' best shift), are projected on the line between the two sides'
+    mean waveforms, less its part along the two means' slopes (a sub-sample
+    offset between how the two sides were aligned shows there and is not a
+    second neuron). One neuron cut in two gives one mode there, and the sides
+    are merged. Two neurons give two modes: Hartigan's dip test rejects one mode
+    at ``DIP_P``, and they stay apart. The test reads the data, so it needs no
+    threshold on how far apart two neurons' waveforms must be. Two sides that
+    take turns over time (``times_s``: their spike counts per ``drift_bin_s``
+    correlate at or below ``-drift_merge_anticorrelation``) are one neuron at
+    two depths of the probe's drift, two modes in waveform and one unit: they
+    are merged without the test. So are two sides locked to different depths of
+    the drift that motion correction removed (``motion_um``, the displacement
+    applied to each spike; an imperfect correction leaves a neuron's waveform
+    a little different at each depth): their spikes' mean motion ranks differ
+    by ``LOCKED_RANK`` at ``LOCKED_Z`` standard errors (:func:`locked_pieces`'
+    test), once the probe moved ``MIN_MOTION_UM``.
+    """
+    import diptest
+
+    n_groups = tm.shape[0]
+    parent = np.arange(n_groups)
+    if n_groups < 2:
+        return parent
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    rng = np.random.default_rng(seed)
+    k_chan = channel_index.shape[1]
+    slot = np.full((channel_index.shape[0], tm.shape[1]), -1, np.int64)
+    slot[np.arange(channel_index.shape[0])[:, None], channel_index] = np.arange(k_chan)[None, :]
+    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
+    turns = None
+    if times_s is not None and times_s.size:
+        edges = np.arange(times_s.min(), times_s.max() + cfg.drift_bin_s, cfg.drift_bin_s)
+        if edges.size - 1 >= MIN_DRIFT_BINS and cfg.drift_merge_um > 0:
+            turns = np.stack([np.histogram(times_s[members[g]], edges)[0] for g in range(n_groups)]).astype(float)
+    locked = None
+    if turns is not None and motion_um is not None and np.ptp(motion_um) >= MIN_MOTION_UM:
+        from scipy.stats import rankdata
+
+        locked = (rankdata(motion_um) - 0.5) / motion_um.size  # each spike's motion rank, 0..1
+        time_bin = np.minimum(((times_s - edges[0]) / cfg.drift_bin_s).astype(np.int64), edges.size - 2)
+    # candidates: pairs within one cluster of the average-linkage clustering of the template distances at
+    # merge_threshold (a chain of alike pairs does not make one candidate unit of unlike ends)
+    linked = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
+                                     distance_threshold=cfg.merge_threshold).fit_predict(dist)
+    pairs = np.argwhere(np.triu((dist < cfg.merge_threshold) & (linked[:, None] == linked[None, :]), k=1))
+    for a, b in sorted(pairs.tolist(), key=lambda p: dist[p[0], p[1]]):
+        ra, rb = root(a), root(b)
+        if ra == rb:
+            continue
+        now = np.array([root(g) for g in range(n_groups)])
+        sides = [np.flatnonzero(now == r) for r in (ra, rb)]
+        if turns is not None:
+            c = [turns[side].sum(axis=0) for side in sides]
+            c = [(x - x.mean()) / max(np.linalg.norm(x - x.mean()), 1e-9) for x in c]
+            if float(c[0] @ c[1]) <= -cfg.drift_merge_anticorrelation:
+                parent[max(ra, rb)] = min(ra, rb)
+                log.debug("groups %d and %d take turns over time (count correlation %.2f): one drifting neuron, "
+                          "merged", a, b, float(c[0] @ c[1]))
+                continue
+        if locked is not None:
+            own = [np.concatenate([members[g] for g in side]) for side in sides]
+            d = abs(locked[own[0]].mean() - locked[own[1]].mean())
+            se = np.sqrt(sum(1.0 / max(np.unique(time_bin[o]).size, 1) for o in own) / 12.0)
+            if d >= LOCKED_RANK and d >= LOCKED_Z * se:
+                parent[max(ra, rb)] = min(ra, rb)
+                log.debug("groups %d and %d fire at different depths of the drift (motion ranks %.2f apart): one "
+                          "drifting neuron, merged", a, b, d)
+                continue
+        spikes = [np.concatenate([members[g] for g in side]) for side in sides]
+        # as many spikes of each side: a small neuron beside a big one is a mode of half the mass, not a shoulder
+        n_each = min(spikes[0].size, spikes[1].size, DIP_MAX_SPIKES)
+        spikes = [sp if sp.size == n_each else np.sort(rng.choice(sp, n_each, replace=False)) for sp in spikes]
+        cover = [counts[side].sum(axis=0) for side in sides]
+        both = np.flatnonzero((cover[0] >= 0.5 * cover[0].max()) & (cover[1] >= 0.5 * cover[1].max()))
+        if both.size == 0:
+            continue
+        means = [np.average(tm[side], axis=0, weights=np.maximum(counts[side][:, both].sum(axis=1), 1))[both].T
+                 for side in sides]  # (T, n_both)
+        shift = min(range(-max_shift, max_shift + 1), key=lambda s: np.linalg.norm(means[0] - np.roll(means[1], s,
+                                                                                                           axis=0)))
+        # a channel outside a spike's snippet takes the two sides' common mean: it carries no side's own shape
+        common = 0.5 * (means[0] + np.roll(means[1], shift, axis=0))
+        wa = _on_channels(spikes[0], both, xn, channels, slot, common)
+        wb = np.roll(_on_channels(spikes[1], both, xn, channels, slot, np.roll(common, -shift, axis=0)), shift,
+                     axis=1)
+        # each spike aligned on its own; the samples a shift wrapped round the snippet's ends are left out
+        edge = slice(2 * max_shift, common.shape[0] - 2 * max_shift)
+        wa, wb = (_aligned(w, common, max_shift)[:, edge] for w in (wa, wb))
+        ma, mb = wa.mean(axis=0), wb.mean(axis=0)
+        # a difference that a time shift explains (the slopes of the two means) is alignment, not a second neuron
+        slopes = np.linalg.qr(np.stack([np.gradient(ma, axis=0).ravel(), np.gradient(mb, axis=0).ravel()], 1))[0]
+        axis = (ma - mb).ravel()
+        axis -= slopes @ (slopes.T @ axis)
+        axis /= max(np.linalg.norm(axis), 1e-9)
+        proj = np.concatenate([wa.reshape(wa.shape[0], -1) @ axis, wb.reshape(wb.shape[0], -1) @ axis])
+        dip, p = diptest.diptest(proj.astype(np.float64))
+        if p >= DIP_P:
+            parent[max(ra, rb)] = min(ra, rb)
+        log.debug("groups %d and %d (template distance %.2f; %d and %d spikes, peaks %.1f and %.1f x noise; "
+                  "shift %d): dip %.3f, p %.3g: %s", a, b, dist[a, b], members[a].size, members[b].size,
+                  np.abs(tm[a]).max(), np.abs(tm[b]).max(), shift, dip, p,
+                  "one population, merged" if p >= DIP_P else "two populations, kept apart")
+    roots = np.array([root(i) for i in range(n_groups)])
+    return np.unique(roots, return_inverse=True)[1]
+
+
 def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
                  n_channels: int, cfg: ClusterConfig, seed: int = 0):
     """Split each HDBSCAN group whose spikes form several dense groups of their own on the group's channels.
@@ -96,27 +244,27 @@ def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, chann
     (the group's template's K largest, where its snippet has them; the
     template fills the rest), so position shows as amplitude per channel;
     HDBSCAN on 5 principal components of those waveforms finds the parts.
-    Spikes it leaves as noise join the nearest part. Parts of one unit (a
+    Spikes it leaves as noise join the nearest part, and each part is split
+    again in its own principal components until none splits. Parts of one unit (a
     drifting one, seen at two depths) are joined again by the template merge
     and the drift merge that follow. Returns the new groups.
     """
     from sklearn.decomposition import PCA
 
-    n_groups = int(groups.max()) + 1
-    tm = templates_on_probe(xn, channels, channel_index, groups, n_groups, n_channels)[0]  # (g, C, T)
     k_chan = channel_index.shape[1]
     slot = np.full((channel_index.shape[0], n_channels), -1, np.int64)  # slot[c, q]: q's place in c's snippet
     slot[np.arange(channel_index.shape[0])[:, None], channel_index] = np.arange(k_chan)[None, :]
     out = groups.copy()
-    for g in range(n_groups):
-        m = np.flatnonzero(groups == g)
+    todo = list(range(int(groups.max()) + 1))
+    while todo:  # the parts of a split are split again, until none splits
+        g = todo.pop(0)
+        m = np.flatnonzero(out == g)
         if m.size < 2 * cfg.min_cluster_size:
             continue
-        ptp = tm[g].max(axis=1) - tm[g].min(axis=1)
+        tm = templates_on_probe(xn[m], channels[m], channel_index, np.zeros(m.size, np.int64), 1, n_channels)[0][0]
+        ptp = tm.max(axis=1) - tm.min(axis=1)
         chans = np.argsort(ptp)[::-1][:k_chan]
-        where = slot[channels[m]][:, chans]  # (n, K)
-        w = np.take_along_axis(xn[m], np.maximum(where, 0)[:, None, :], axis=2)
-        w = np.where(where[:, None, :] >= 0, w, tm[g][chans].T[None])
+        w = _on_channels(m, chans, xn, channels, slot, tm[chans].T)
         pcs = PCA(min(5, m.size - 1), random_state=seed).fit_transform(w.reshape(m.size, -1))
         part = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples,
                        copy=True).fit_predict(pcs)
@@ -127,8 +275,9 @@ def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, chann
         part = np.where(part >= 0, part, ((pcs[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1))
         nxt = int(out.max()) + 1  # the first part keeps the group's number, the others take new ones
         out[m] = np.r_[g, nxt:nxt + n_parts - 1][part]
+        todo.extend([g, *range(nxt, nxt + n_parts - 1)])
         log.debug("group %d (%d spikes) split into %d on its own channels: %s", g, m.size, n_parts,
-                 np.bincount(part).tolist())
+                  np.bincount(part).tolist())
     return out
 
 
@@ -341,8 +490,10 @@ def centroids_and_radii(members: np.ndarray, groups: np.ndarray, n_groups: int, 
 
 
 def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
-            positions: np.ndarray, cfg: ClusterConfig, seed: int = 0, times_s: np.ndarray | None = None) -> Clustering:
-    """Cluster spikes into units and build the runtime's centroids (see the module docstring)."""
+            positions: np.ndarray, cfg: ClusterConfig, seed: int = 0, times_s: np.ndarray | None = None,
+            motion_um: np.ndarray | None = None) -> Clustering:
+    """Cluster spikes into units and build the runtime's centroids (see the module docstring). ``times_s``: each
+    spike's time; ``motion_um``: the displacement motion correction applied to it (None: none)."""
     n = features.shape[0]
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, cfg.max_spikes, replace=False)) if n > cfg.max_spikes else np.arange(n)
@@ -361,8 +512,9 @@ def cluster(features: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_
     tm, counts = templates_on_probe(xn[sub], channels[sub], channel_index, groups, n_groups, positions.shape[0])
     if n_groups > 1:
         dist = template_distances(tm, counts)
-        merged = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
-                                         distance_threshold=cfg.merge_threshold).fit_predict(dist)
+        merged = unimodal_merges(groups, dist, tm, counts, xn[sub], channels[sub], channel_index, cfg, seed,
+                                 None if times_s is None else np.asarray(times_s)[sub],
+                                 None if motion_um is None else np.asarray(motion_um)[sub])
     else:
         merged = np.zeros(1, dtype=np.int64)
     if times_s is not None and n_groups > 1:

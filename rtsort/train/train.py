@@ -245,6 +245,9 @@ def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, pro
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
+    from ..dsp import resolve_reference
+
+    log.info("common reference: %s", resolve_reference(config.preprocess.reference, recording.probe.positions_um))
     # the probe's motion over the recording: every pass below reads the recording in its reference frame
     schedule, motion_reference, motion_summary = estimate_schedule(recording, config, progress)
     timings["motion_s"] = time.perf_counter() - t0
@@ -297,8 +300,9 @@ def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, pro
 
         t3 = time.perf_counter()
         times_s = events["sample_index"] / recording.sampling_rate
+        motion_um = None if schedule is None else schedule.at_spikes(events["sample_index"], channels)
         clu = cluster(features, xn, channels, snip.channel_index, recording.probe.positions_um, config.cluster, seed,
-                      times_s=times_s)
+                      times_s=times_s, motion_um=motion_um)
         timings["cluster_s"] = time.perf_counter() - t3
 
         centroid_unit = clu.centroid_unit
