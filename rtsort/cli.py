@@ -518,6 +518,10 @@ def _add_run(sub):
     p.add_argument("--realtime", action="store_true",
                    help="ask for real-time scheduling (SCHED_FIFO; needs root, CAP_SYS_NICE or an rtprio limit; "
                         "a warning, not an error, when refused)")
+    p.add_argument("--watch-bundle", type=Path, metavar="DIR",
+                   help="take over a curated bundle written to DIR (rtsort curate ... --out DIR) between two "
+                        "chunks, without a restart or a lost sample: every spike from the logged cut sample on "
+                        "carries its units (it must share the running bundle's preprocessing and detection)")
     p.add_argument("--stats", type=Path, help="write the run's statistics as JSON")
     p.add_argument("--stats-every", type=_positive_float, metavar="S",
                    help="with --stats: rewrite the file every S seconds while running (the statistics so far)")
@@ -569,7 +573,7 @@ def _cmd_run(args) -> int:
         stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
                            args.speed, args.threads, stop=stop, resolve_timeout=args.resolve_timeout,
                            max_lag_ms=args.max_lag_ms or None, track_rate=args.track_rate, report=report,
-                           report_every_s=args.stats_every or 60.0)
+                           report_every_s=args.stats_every or 60.0, watch_bundle=args.watch_bundle)
     finally:
         restore()
     c, lat = stats["compute_ms"], stats["trough_to_emit_ms"]

@@ -90,6 +90,11 @@ class FrontEnd:
                    recording.offsets_to_uV, noise_levels, snippets, motion)
 
     @property
+    def next_sample(self) -> int:
+        """The sample index the next chunk starts at."""
+        return self._next_sample
+
+    @property
     def noise_levels(self) -> np.ndarray | None:
         return self.detector.noise_levels
 

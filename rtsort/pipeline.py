@@ -108,15 +108,21 @@ class Pipeline:
         onnxruntime intra-op threads (1 keeps the other core for I/O).
     track_rate : float, optional
         Centroid tracking for drift (``[assign] track_rate``); None takes the bundle's.
+    front : FrontEnd, optional
+        Another pipeline's front end to share (``rtsort.swap``: a curated bundle taking over a live stream);
+        its preprocessing, detection, snippets and motion correction must be this bundle's
+        (:func:`rtsort.swap.differences`). None builds the bundle's own.
     """
 
     def __init__(self, bundle, gains_to_uV=1.0, offsets_to_uV=0.0, threads: int = 1,
-                 track_rate: float | None = None):
+                 track_rate: float | None = None, front: FrontEnd | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         b = self.bundle
-        self.front = FrontEnd(b.config, b.probe, b.sampling_rate, gains_to_uV, offsets_to_uV,
-                              noise_levels=b.noise_levels)
-        self.front.motion = motion_tracker(b, self.front)
+        if front is None:
+            front = FrontEnd(b.config, b.probe, b.sampling_rate, gains_to_uV, offsets_to_uV,
+                             noise_levels=b.noise_levels)
+            front.motion = motion_tracker(b, front)
+        self.front = front
         self.featurizer = make_featurizer(b, self.front, threads)
         n = self.front.snippets.n_samples
         if b.templates.shape[1] < n:
@@ -139,9 +145,11 @@ class Pipeline:
         self.last_peeled = 0  # how many of the last chunk's spikes (its last ones) the peeler found
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
-    def warmup(self) -> None:
-        """Compile the kernels and run the encoder once, so the first chunk is not slow."""
-        self.front.warmup()
+    def warmup(self, front: bool = True) -> None:
+        """Compile the kernels and run the encoder once, so the first chunk is not slow. ``front=False`` leaves
+        the front end alone (a shared one, busy in another thread)."""
+        if front:
+            self.front.warmup()
         s = self.front.snippets
         ch = np.zeros(2, np.int64)
         deep = np.array([True, False])  # a spike and a candidate: both paths compiled
@@ -176,13 +184,21 @@ class Pipeline:
     def first_pass(self, filtered: np.ndarray, encode: bool = True):
         """Correct motion, detect, encode and label a filtered chunk: (the chunk in the bundle's frame, its spikes,
         their snippets in noise units or None, the events dropped as tails), :meth:`peel`'s arguments."""
+        return self.label_pass(self.front_pass(filtered), encode)
+
+    def front_pass(self, filtered: np.ndarray):
+        """Correct motion, detect and cut snippets: the front end's output for a filtered chunk."""
         t1 = time.perf_counter_ns()
         out = self.front.process_filtered(filtered)
+        self.stage_ns[1] = self.front.last_detect_ns
+        self.stage_ns[2] = time.perf_counter_ns() - t1 - self.stage_ns[1]
+        return out
+
+    def label_pass(self, out, encode: bool = True):
+        """Encode and label a front end output's events (:meth:`first_pass` after :meth:`front_pass`)."""
         t2 = time.perf_counter_ns()
         ev = out.events
         st = self.stage_ns
-        st[1] = self.front.last_detect_ns
-        st[2] = t2 - t1 - st[1]
         st[3] = st[4] = 0
         xn = None
         tails = ev[:0]
@@ -383,7 +399,8 @@ class SignalHealth:
 def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idle_timeout: float | None = None,
                chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
                resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0,
-               track_rate: float | None = None, report=None, report_every_s: float = 60.0) -> dict:
+               track_rate: float | None = None, report=None, report_every_s: float = 60.0,
+               watch_bundle=None) -> dict:
     """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
 
     Overload policy: when a live chunk arrives more than ``max_lag_ms`` after
@@ -406,13 +423,18 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     found always reach the output; a sink that fails (a full disk) is reported
     in ``sink_errors`` and the others keep running. ``report``, if given, is
     called with the statistics so far every ``report_every_s`` seconds.
+    ``watch_bundle``, a directory: a bundle written there (``rtsort curate
+    --out``) takes over between two chunks, every spike from a cut sample on
+    labelled by it (``rtsort.swap``; ``swaps`` in the statistics).
     """
     from .streams import FileSource, open_sink, open_source
     from .streams.replay import now
+    from .swap import BundleWatcher, SwappingSorter, differences
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pipe = Pipeline(bundle, 1.0, 0.0, threads, track_rate)  # compiled and warm before the source starts buffering
     pipe.warmup()
+    sorter = SwappingSorter(pipe)
     fs = bundle.sampling_rate
     outs = [open_sink(s, fs) for s in sinks]  # consumers can connect before the first sample
     try:
@@ -425,6 +447,14 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             sink.close()
         raise
     live = not (isinstance(src, FileSource) and not speed)
+
+    def build(new_bundle):
+        new = Pipeline(new_bundle, 1.0, 0.0, threads, track_rate, front=sorter.front)
+        new.warmup(front=False)  # the front end is busy in the stream's thread
+        return new
+
+    watcher = None if watch_bundle is None else BundleWatcher(
+        watch_bundle, build, lambda new_bundle: differences(sorter.bundle, new_bundle))
     # constant memory over hours of a live run; peeled spikes (collisions, matches) wait for the residual: apart
     compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait = (Distribution() for _ in range(7))
     stages = [Distribution() for _ in STAGES]
@@ -436,18 +466,18 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
 
     def snapshot() -> dict:
         c = dict(counts)
-        c.update(spikes=pipe.n_spikes, unassigned=pipe.n_unassigned, skipped_encoding=pipe.n_skipped,
-                 candidates_claimed=pipe.n_candidates_claimed, candidates_dropped=pipe.n_candidates_dropped,
-                 tails_dropped=pipe.n_tails, peeled=pipe.peeler.n_peeled if pipe.peeler is not None else 0)
+        c.update(sorter.counts())
         c["malformed"] = dict(getattr(src, "malformed", {}))
         c["source_gaps"] = len(getattr(src, "gaps", []))
         c["source"] = src.stats() if hasattr(src, "stats") else {}  # a source's own counts (lost messages, ...)
         c["dropped_by_sinks"] = int(sum(getattr(s, "dropped", 0) for s in outs))
         c["sink_errors"] = dict(sink_errors)
-        c["nonfinite_samples"] = int(pipe.front.preprocessor.n_nonfinite)
+        c["nonfinite_samples"] = int(sorter.front.preprocessor.n_nonfinite)
         c["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
         c.update(health.stats())
-        motion = pipe.front.motion
+        c["swaps"] = list(sorter.swaps)
+        c["swaps_refused"] = watcher.refused if watcher is not None else 0
+        motion = sorter.front.motion
         c["motion_um"] = None if motion is None else {  # the tracker's estimate at the end of the run
             "displacement_um": motion.window_disp.round(2).tolist(), "window_centres_um": motion.centres.tolist(),
             "updates": motion.updates}
@@ -485,15 +515,19 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 if gains is None:  # a stream says it, or floats are uV and integers use the training gain
                     gains = getattr(src, "gain_to_uV", None) or (
                         bundle.gain_to_uV if chunk.samples.dtype.kind in "iu" else 1.0)
-                pipe.front.preprocessor.set_scaling(gains, getattr(src, "offsets_to_uV", 0.0))
+                sorter.front.preprocessor.set_scaling(gains, getattr(src, "offsets_to_uV", 0.0))
                 health.set_scale(chunk.samples.dtype, gains)
-                pipe.reset(chunk.first_sample)
+                sorter.reset(chunk.first_sample)
                 expected = chunk.first_sample
             t0 = time.perf_counter()
             if chunk.first_sample != expected:  # a gap: the filters restart at the new sample
                 counts["gaps"] += 1
                 counts["gap_samples"] += chunk.first_sample - expected
-                pipe.reset(chunk.first_sample)
+                sorter.reset(chunk.first_sample)
+            if watcher is not None and not sorter.swapping:
+                ready = watcher.take()
+                if ready is not None:
+                    sorter.begin(ready[0], str(watcher.path), ready[1])
             last = chunk.first_sample + chunk.n_samples - 1
             encode = True
             if live and chunk.timestamp is not None:  # its last sample was taken `lag` s ago
@@ -502,7 +536,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 if max_lag_ms is not None and lag * 1000.0 > max_lag_ms:
                     encode = False
                     counts["late_chunks"] += 1
-            spikes = pipe.process(chunk.samples, encode=encode)
+            spikes = sorter.process(chunk.samples, encode=encode)
             expected = last + 1
             t1 = time.perf_counter_ns()
             if spikes.size:
@@ -519,7 +553,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                         log.error("sink %s failed (%s); the other sinks go on", name, sink_errors[name])
                     if getattr(sink, "error", None) and name not in sink_errors:  # it counts its own losses
                         sink_errors[name] = sink.error
-                k = spikes.size - pipe.last_peeled
+                k = spikes.size - sorter.last_peeled
                 if live:
                     late = now() - ts
                     latency.add(late[:k])
@@ -530,9 +564,9 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             # in seconds: Distribution bins magnitudes up to 1e6, so nanoseconds above 1 ms would all fall in its
             # last bin (their percentiles read ~1.01 ms)
             sink_ns.add_one((time.perf_counter_ns() - t1) * 1e-9)
-            health.update(chunk.first_sample, chunk.samples, pipe.last_filtered)  # after the spikes have left
+            health.update(chunk.first_sample, chunk.samples, sorter.last_filtered)  # after the spikes have left
             compute.add_one(time.perf_counter() - t0)
-            for d, ns in zip(stages, pipe.stage_ns.tolist()):
+            for d, ns in zip(stages, sorter.stage_ns.tolist()):
                 d.add_one(ns * 1e-9)
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
@@ -549,6 +583,8 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 sink_errors[name] = f"{before}; at close: {exc}" if before else f"{type(exc).__name__}: {exc}"
                 log.error("sink %s failed at close (%s)", name, exc)
         src.close()
+        if watcher is not None:
+            watcher.close()
     stats = snapshot()
     log.info("run: %d chunks, %d spikes (%d unassigned, %d not encoded), %d gaps; compute per chunk p50 %.3f "
              "p99 %.3f ms", stats["chunks"], stats["spikes"], stats["unassigned"], stats["skipped_encoding"],

@@ -570,6 +570,121 @@ def test_phy_edits_saved_by_phylib_are_carried_by_curate(small_sim, trained, sor
     assert np.mean(np.isin(got[both], (part1, part2))) >= 0.9
 
 
+# ---------------------------------------------------------------- 5: a curated bundle into a live run
+def _relabelled_bundle(src, out, config=None):
+    """The bundle ``src`` with its units renumbered (unit u becomes u + 1, the last becomes 0), written to ``out``
+    as curation writes one (manifest last); ``config`` replaces its configuration."""
+    from rtsort.bundle import load_bundle, save_bundle
+
+    b = load_bundle(src)
+    c = b.contents()
+    n = b.n_units
+    perm = (np.arange(n) + 1) % n  # old unit -> new unit
+    cu = c["centroid_unit"]
+    c["centroid_unit"] = np.where(cu >= 0, perm[np.maximum(cu, 0)], cu)  # -1 (noise) and TAIL stay
+    c["templates"] = b.templates[np.argsort(perm)]
+    units = [dict(u, unit=int(perm[int(u["unit"])])) for u in b.units]
+    c["units"] = sorted(units, key=lambda u: u["unit"])
+    if config is not None:
+        c["config"] = config
+    tmp = out.with_name(out.name + ".encoder.onnx")
+    shutil.copy(b.encoder_path, tmp)
+    c["encoder_file"] = tmp
+    save_bundle(out, **c)
+    tmp.unlink()
+    return perm
+
+
+def test_curated_bundle_takes_over_a_live_run_at_a_cut_sample(small_sim, trained, tmp_path, monkeypatch):
+    """A bundle written to the watched directory while the stream runs takes over between two chunks: every spike
+    before the logged cut sample is the running bundle's, every spike from it the new bundle's, each exactly as a
+    run of that bundle alone gives it; no sample is lost (no gap, every chunk counted)."""
+    from rtsort import swap
+    from rtsort.io.spikes import load_spikes
+
+    monkeypatch.setattr(swap, "POLL_S", 0.05)
+    rec, _, _ = small_sim
+    curated = tmp_path / "curated"
+    perm = _relabelled_bundle(trained[1], curated)
+    refs = {}
+    for name, b in (("old", trained[1]), ("new", curated)):
+        run_stream(b, f"file:{rec.source}", [f"file:{tmp_path / name}.npz"], max_lag_ms=None)
+        refs[name] = load_spikes(tmp_path / f"{name}.npz")[0]
+    assert np.array_equal(refs["new"]["unit"], np.where(refs["old"]["unit"] >= 0, perm[refs["old"]["unit"]],
+                                                        refs["old"]["unit"]))  # the same sort, other numbers
+    watched = tmp_path / "watched"
+    watched.mkdir()
+
+    def curate_later():
+        time.sleep(1.0)
+        shutil.copytree(curated, watched, dirs_exist_ok=True)  # the manifest may land before the arrays: retried
+
+    writer = threading.Thread(target=curate_later)
+    writer.start()
+    stats = run_stream(trained[1], f"file:{rec.source}", [f"file:{tmp_path / 'live'}.npz"], speed=3.0,
+                       max_lag_ms=None, watch_bundle=watched)
+    writer.join()
+    assert len(stats["swaps"]) == 1 and stats["swaps_refused"] == 0
+    cut = stats["swaps"][0]["sample_index"]
+    assert 0 < cut < rec.n_samples - int(0.5 * rec.sampling_rate), cut
+    assert stats["gaps"] == 0 and stats["samples"] == rec.n_samples
+    live = load_spikes(tmp_path / "live.npz")[0]
+    want = np.concatenate([refs["old"][refs["old"]["sample_index"] < cut],
+                           refs["new"][refs["new"]["sample_index"] >= cut]])
+    want = want[_key(want)]
+    live = live[_key(live)]
+    for field in ("sample_index", "channel", "unit"):
+        np.testing.assert_array_equal(live[field], want[field])
+    assert stats["spikes"] == live.size
+    # both bundles' units are there, each on its side of the cut
+    before, after = live["sample_index"] < cut, live["sample_index"] >= cut
+    assert before.sum() > 100 and after.sum() > 100
+
+
+def test_a_bundle_with_another_front_end_is_refused_and_the_run_goes_on(trained, tmp_path, caplog):
+    """A bundle whose detection differs cannot share the running front end: the watcher refuses it, naming the
+    difference; a half-written one (no manifest yet, or checksums that do not match) is tried again."""
+    from rtsort.bundle import load_bundle
+    from rtsort.config import Config
+    from rtsort.swap import BundleWatcher, differences
+
+    b = load_bundle(trained[1])
+    d = b.config.to_dict()
+    d["detect"]["amp_threshold"] += 1.0
+    cfg = Config.from_dict(d)
+    other = tmp_path / "other"
+    _relabelled_bundle(trained[1], other, config=cfg)
+    why = differences(b, load_bundle(other))
+    assert len(why) == 1 and why[0].startswith("[detect] amp_threshold"), why
+    same = tmp_path / "same"
+    _relabelled_bundle(trained[1], same)
+    assert differences(b, load_bundle(same)) == []
+
+    built = []
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    watcher = BundleWatcher(watched, lambda nb: built.append(nb) or nb, lambda nb: differences(b, nb), poll_s=0.02)
+    try:
+        shutil.copytree(other, watched, dirs_exist_ok=True)
+        deadline = time.monotonic() + 10
+        while watcher.refused == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert watcher.refused == 1 and not built and watcher.take() is None
+        assert "amp_threshold" in caplog.text
+        templates = watched / "templates.npy"  # a bundle being written: its arrays do not match the manifest yet
+        np.save(templates, np.zeros(3, np.float32))
+        shutil.copy(same / "manifest.json", watched / "manifest.json")
+        time.sleep(0.3)
+        assert not built and watcher.refused == 1
+        shutil.copy(same / "templates.npy", templates)
+        while not built and time.monotonic() < deadline:
+            time.sleep(0.02)
+        taken = watcher.take()
+        assert taken is not None and taken[0].n_units == b.n_units and watcher.take() is None
+    finally:
+        watcher.close()
+
+
 # ---------------------------------------------------------------- 6: NWB and SpikeInterface
 def test_export_nwb_read_back_by_pynwb(small_sim, trained, sorted_small, tmp_path):
     from pynwb import NWBHDF5IO
