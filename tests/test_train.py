@@ -379,3 +379,21 @@ def test_tail_units_are_the_units_locked_to_a_bigger_neighbour():
     swapped = tail_units(units, samples, locations, size[[2, 1, 0, 3]], fs, ClusterConfig(), 4)
     assert swapped.tolist() == [True, False, False, False]
     assert not tail_units(units, samples, locations, size, fs, ClusterConfig(tail_fraction=0.0), 4).any()
+
+
+def test_small_units_are_those_under_a_clusters_least_size_in_the_clustering_subsample(trained):
+    """A unit is too small when its spikes, scaled to the clustering's subsample, fall under min_cluster_size; the
+    trained bundle keeps none such (its unit table counts its spikes and claimed candidates)."""
+    from dataclasses import replace
+
+    from rtsort.train.cluster import small_units
+
+    cfg = Config().cluster
+    labels = np.repeat([0, 1, 2, -1], [cfg.min_cluster_size - 1, cfg.min_cluster_size, 400, 50])
+    assert small_units(labels, 4, cfg).tolist() == [True, False, False, True]  # unit 3: no spikes at all
+    # a quarter of the spikes in the subsample: a unit needs four times the least size
+    sub = replace(cfg, max_spikes=labels.size // 4)
+    assert small_units(labels, 3, sub).tolist() == [True, True, False]
+    result, _ = trained
+    counts = np.array([u["n_spikes"] for u in result.units])
+    assert counts.size and (counts >= cfg.min_cluster_size).all()

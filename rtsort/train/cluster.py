@@ -235,6 +235,15 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
     return np.unique(roots, return_inverse=True)[1]
 
 
+def small_units(labels: np.ndarray, n_units: int, cfg: ClusterConfig) -> np.ndarray:
+    """Which units keep too few spikes to be units: in the clustering's subsample (``max_spikes`` of all the
+    labelled spikes ``labels``) they would hold fewer than a cluster's least size (``min_cluster_size``). HDBSCAN
+    found a dense group there, and the labels of every spike then gave most of it to the units around it. The
+    rule sets no threshold of its own."""
+    share = min(1.0, cfg.max_spikes / max(labels.size, 1))
+    return np.bincount(labels[labels >= 0], minlength=n_units)[:n_units] * share < cfg.min_cluster_size
+
+
 def split_groups(groups: np.ndarray, xn: np.ndarray, channels: np.ndarray, channel_index: np.ndarray,
                  n_channels: int, cfg: ClusterConfig, seed: int = 0):
     """Split each HDBSCAN group whose spikes form several dense groups of their own on the group's channels.

@@ -35,7 +35,7 @@ from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import FrontEnd, corrected_chunks, snippets_recording
 from ..pipeline import late_phase, labelled, sort_recording, spikes_kept
 from ..types import TAIL
-from .cluster import cluster, drift_merges, label_spikes, tail_units, templates_on_probe
+from .cluster import cluster, drift_merges, label_spikes, small_units, tail_units, templates_on_probe
 from .metrics import unit_metrics
 from .motion import estimate_schedule
 
@@ -360,6 +360,20 @@ def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, pro
             # (the same centroids: an event nearest a tail's centroid was dropped above and none is now)
             labels = assigner.label(features, xn, events["channel"], np.ones(events.size, bool))[0]
         timings["refine_s"] = time.perf_counter() - t5
+        small = small_units(labels, n_units, config.cluster)
+        if small.any():  # its centroids stay and leave their spikes unassigned (as a curated "noise" cluster's do)
+            kept = np.where(small, -1, np.cumsum(~small) - 1)
+            centroid_unit = np.where(centroid_unit >= 0, kept[np.maximum(centroid_unit, 0)],
+                                     centroid_unit).astype(np.int32)
+            labels = np.where(labels >= 0, kept[np.maximum(labels, 0)], labels).astype(labels.dtype)
+            templates = bundle["templates"] = templates[~small]
+            bundle["centroid_unit"] = centroid_unit
+            log.info("%d of %d units keep fewer spikes than a cluster's least size (%d in the clustering's "
+                     "subsample): their spikes are left unassigned", int(small.sum()), n_units,
+                     config.cluster.min_cluster_size)
+            n_units = int(np.count_nonzero(~small))
+            assigner = make_assigner(clu.centroids, centroid_unit, clu.radius, templates[:, :snip.n_samples],
+                                     noise[1], snip.channel_index, config.assign, 0.0)
         c_ev, c_wf, c_lab = emitted_snippets(recording, config, noise, assigner, progress=progress, motion=schedule)
         n_claimed = c_ev.size
         log.info("%d candidates claimed by a unit's template", n_claimed)
