@@ -70,6 +70,18 @@ class Distribution:
                 hist += np.bincount(i, minlength=self._n_bins)
         self._zero += int(np.count_nonzero(v == 0))
 
+    def merge(self, other: "Distribution") -> "Distribution":
+        """Add another distribution's values (its bins, count, sum, min and max) to this one; returns self."""
+        self._flush()
+        other._flush()
+        self._pos += other._pos
+        self._neg += other._neg
+        self._zero += other._zero
+        self.count += other.count
+        self._sum += other._sum
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        return self
+
     @property
     def total(self) -> float:
         """The exact sum of the (finite) values."""

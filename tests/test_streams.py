@@ -333,6 +333,12 @@ def test_distribution_keeps_a_long_runs_percentiles_in_constant_memory():
     assert got["max"] == want["max"] and abs(got["mean"] - want["mean"]) <= 1e-9 * abs(want["mean"])
     for q in ("p50", "p90", "p99", "p99.9"):
         assert abs(got[q] - want[q]) <= 0.006 * abs(want[q]), (q, got[q], want[q])
+    # parts merged (the soak's windows of minutes) give the whole's figures
+    parts = [Distribution() for _ in range(3)]
+    for part, block in zip(parts, np.array_split(v, 3)):
+        part.add(block)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.count == v.size and merged.percentiles(1000.0) == pytest.approx(got, rel=1e-12)
     assert len(set(sizes)) == 1  # constant memory
     assert Distribution().percentiles() == {}
     neg = Distribution()

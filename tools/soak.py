@@ -59,6 +59,9 @@ def loopback_only() -> bool:
         return False
 
 
+WINDOW_MIN = 10
+
+
 class Consumer:
     """Receives the sorter's spikes on a thread; latency per minute and overall, in constant memory."""
 
@@ -67,6 +70,7 @@ class Consumer:
         self.address = address
         self.total = Distribution()
         self.minute = Distribution()
+        self.minutes = []  # each whole minute's latencies, for the first and last windows
         self.n = 0
         self.seq_lost = 0
         self._last_seq = None
@@ -121,7 +125,15 @@ class Consumer:
     def take_minute(self) -> tuple[dict, int]:
         with self._lock:
             d, self.minute = self.minute, Distribution()
+        self.minutes.append(d)
         return d.percentiles(1000.0), d.count
+
+    def window(self, first: int, stop: int) -> dict:
+        """Latency percentiles (ms) over the whole minutes first..stop-1 (0-based)."""
+        d = Distribution()
+        for m in self.minutes[first:stop]:
+            d.merge(m)
+        return {k: round(v, 3) for k, v in d.percentiles(1000.0).items()}
 
     def close(self) -> None:
         self._stop.set()
@@ -236,6 +248,10 @@ def soak(minutes: float, channels: int, bundle: Path | None, recording: Path | N
                    "max": max(rss) if rss else None, "growth": (rss[-1] - rss[0]) if rss else None},
         "max_rss_mb": st.get("max_rss_mb"),
         "latency_ms": {k: round(v, 3) for k, v in consumer.total.percentiles(1000.0).items()},
+        # the first and the last WINDOW_MIN minutes (half the run when shorter): does the tail drift over hours?
+        "window_minutes": (w := min(WINDOW_MIN, len(consumer.minutes) // 2)),
+        "latency_first_window_ms": consumer.window(0, w) if w else {},
+        "latency_last_window_ms": consumer.window(len(consumer.minutes) - w, len(consumer.minutes)) if w else {},
         "trough_to_emit_ms": st.get("trough_to_emit_ms"), "arrival_ms": st.get("arrival_ms"),
         "compute_ms": st.get("compute_ms"),
         "replay": sent_out.strip(),
