@@ -34,6 +34,11 @@ ARRAYS = ("centroids", "centroid_unit", "centroid_radius", "templates")
 MOTION_REFERENCE = "motion_reference"  # optional array
 
 
+def manifest_digest(bundle_dir: str | Path) -> str:
+    """The sha256 of a bundle directory's manifest (what a Phy folder and a live swap record of the bundle)."""
+    return hashlib.sha256((Path(bundle_dir) / MANIFEST).read_bytes()).hexdigest()
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

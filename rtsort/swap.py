@@ -29,7 +29,6 @@ each swap is logged with its cut sample, and listed in the run's statistics
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import MANIFEST, Bundle, load_bundle
+from .bundle import Bundle, load_bundle, manifest_digest
 from .errors import RtsortError
 
 log = logging.getLogger("rtsort.swap")
@@ -69,10 +68,10 @@ def differences(old: Bundle, new: Bundle) -> list[str]:
     return out
 
 
-def manifest_digest(bundle_dir: Path) -> str | None:
-    """The sha256 of a bundle directory's manifest, or None while it has none."""
+def _digest(bundle_dir: Path) -> str | None:
+    """:func:`rtsort.bundle.manifest_digest`, or None while the directory has no manifest."""
     try:
-        return hashlib.sha256((Path(bundle_dir) / MANIFEST).read_bytes()).hexdigest()
+        return manifest_digest(bundle_dir)
     except OSError:
         return None
 
@@ -91,7 +90,7 @@ class BundleWatcher:
         self.build = build
         self.accepts = accepts
         self.poll_s = float(POLL_S if poll_s is None else poll_s)
-        self.seen = manifest_digest(self.path)  # a bundle already there when the run starts is not news
+        self.seen = _digest(self.path)  # a bundle already there when the run starts is not news
         self.refused = 0
         self._ready = None
         self._lock = threading.Lock()
@@ -102,7 +101,7 @@ class BundleWatcher:
     def _run(self) -> None:
         failed = None  # the digest of a manifest that did not load: tried again while it stays, logged once
         while not self._stop.wait(self.poll_s):
-            digest = manifest_digest(self.path)
+            digest = _digest(self.path)
             if digest is None or digest == self.seen:
                 continue
             try:

@@ -16,21 +16,17 @@ writes ``params.py`` for Phy but never executes it.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from ..bundle import manifest_digest
 from ..errors import RecordingError
 
 EXPORT_INFO = "rtsort_export.json"
 TSV_METRICS = ("snr", "firing_rate_hz", "isi_violations_ratio", "presence_ratio", "amplitude_cutoff",
                "isolation_distance")
-
-
-def manifest_digest(bundle_dir: Path) -> str:
-    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
 def _write_tsv(path: Path, header: tuple, rows) -> None:

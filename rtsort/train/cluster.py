@@ -180,6 +180,7 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
             continue
         now = np.array([root(g) for g in range(n_groups)])
         sides = [np.flatnonzero(now == r) for r in (ra, rb)]
+        spikes = [np.concatenate([members[g] for g in side]) for side in sides]
         if turns is not None:
             c = [turns[side].sum(axis=0) for side in sides]
             c = [(x - x.mean()) / max(np.linalg.norm(x - x.mean()), 1e-9) for x in c]
@@ -189,15 +190,13 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
                           "merged", a, b, float(c[0] @ c[1]))
                 continue
         if locked is not None:
-            own = [np.concatenate([members[g] for g in side]) for side in sides]
-            d = abs(locked[own[0]].mean() - locked[own[1]].mean())
-            se = np.sqrt(sum(1.0 / max(np.unique(time_bin[o]).size, 1) for o in own) / 12.0)
+            d = abs(locked[spikes[0]].mean() - locked[spikes[1]].mean())
+            se = np.sqrt(sum(1.0 / max(np.unique(time_bin[o]).size, 1) for o in spikes) / 12.0)
             if d >= LOCKED_RANK and d >= LOCKED_Z * se:
                 parent[max(ra, rb)] = min(ra, rb)
                 log.debug("groups %d and %d fire at different depths of the drift (motion ranks %.2f apart): one "
                           "drifting neuron, merged", a, b, d)
                 continue
-        spikes = [np.concatenate([members[g] for g in side]) for side in sides]
         # as many spikes of each side: a small neuron beside a big one is a mode of half the mass, not a shoulder
         n_each = min(spikes[0].size, spikes[1].size, DIP_MAX_SPIKES)
         spikes = [sp if sp.size == n_each else np.sort(rng.choice(sp, n_each, replace=False)) for sp in spikes]

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from ..assign import Assigner, make_assigner
-from ..bundle import load_bundle, save_bundle
+from ..bundle import load_bundle, manifest_digest, save_bundle
 from ..errors import BundleError
 from ..features import normalize_waveforms
 from ..frontend import FrontEnd
-from ..io.phy import manifest_digest, read_curation
+from ..io.phy import read_curation
 from ..pipeline import make_featurizer, spikes_kept
 from ..types import TAIL
 from .cluster import centroids_and_radii, label_spikes

@@ -31,6 +31,7 @@ from ..assign import make_assigner, template_channels
 from ..bundle import load_bundle, save_bundle
 from ..config import Config
 from ..errors import RecordingError
+from ..dsp import resolve_reference
 from ..features import Encoder, Featurizer, normalize_waveforms
 from ..frontend import FrontEnd, corrected_chunks, snippets_recording
 from ..pipeline import late_phase, labelled, sort_recording, spikes_kept
@@ -227,6 +228,13 @@ def late_events(events, labels, fe, templates: np.ndarray, config: Config) -> np
     return rule(events, labels, spikes_kept(deep, labels), deep)
 
 
+def _without(unit: np.ndarray, gone: np.ndarray, mark: int) -> np.ndarray:
+    """Units (int32; negative ones kept as they are) renumbered 0..k-1 without the units ``gone``, whose entries
+    become ``mark`` (TAIL: a tail's; -1: unassigned)."""
+    new = np.where(gone, mark, np.cumsum(~gone) - 1)
+    return np.where(unit >= 0, new[np.maximum(unit, 0)], unit).astype(np.int32)
+
+
 def train_bundle(recording, out_dir: str | Path, config: Config | None = None, seed: int = 0,
                  progress: bool = True) -> TrainResult:
     """Train on ``recording`` and write a bundle to ``out_dir`` (see the module docstring).
@@ -245,8 +253,6 @@ def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, pro
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
-    from ..dsp import resolve_reference
-
     log.info("common reference: %s", resolve_reference(config.preprocess.reference, recording.probe.positions_um))
     # the probe's motion over the recording: every pass below reads the recording in its reference frame
     schedule, motion_reference, motion_summary = estimate_schedule(recording, config, progress)
@@ -319,9 +325,7 @@ def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, pro
         size = np.abs(templates / noise[1][None, None, :]).max(axis=(1, 2)) if n_units else np.zeros(0)
         tail = tail_units(labels, events["sample_index"], loc, size, recording.sampling_rate, config.cluster, n_units)
         if tail.any():  # a tail's centroids mark its events as tails: they do not leave, as at run time
-            kept = np.where(tail, TAIL, np.cumsum(~tail) - 1)
-            centroid_unit = np.where(centroid_unit >= 0, kept[np.maximum(centroid_unit, 0)], centroid_unit)
-            centroid_unit = centroid_unit.astype(np.int32)
+            centroid_unit = _without(centroid_unit, tail, TAIL)
             n_units = int(np.count_nonzero(~tail))
             labels, templates = label_spikes(clu.centroids, centroid_unit, clu.radius, features, waveforms, xn,
                                              channels, snip.channel_index, noise[1], n_units, config.assign)
@@ -362,10 +366,8 @@ def _train_bundle(recording, out_dir: Path | str, config: Config, seed: int, pro
         timings["refine_s"] = time.perf_counter() - t5
         small = small_units(labels, n_units, config.cluster)
         if small.any():  # its centroids stay and leave their spikes unassigned (as a curated "noise" cluster's do)
-            kept = np.where(small, -1, np.cumsum(~small) - 1)
-            centroid_unit = np.where(centroid_unit >= 0, kept[np.maximum(centroid_unit, 0)],
-                                     centroid_unit).astype(np.int32)
-            labels = np.where(labels >= 0, kept[np.maximum(labels, 0)], labels).astype(labels.dtype)
+            centroid_unit = _without(centroid_unit, small, -1)
+            labels = _without(labels, small, -1).astype(labels.dtype)
             templates = bundle["templates"] = templates[~small]
             bundle["centroid_unit"] = centroid_unit
             log.info("%d of %d units keep fewer spikes than a cluster's least size (%d in the clustering's "
