@@ -19,6 +19,15 @@ from .errors import ConfigError
 _REF_CODES = {"none": 0, "median": 1, "average": 2}
 # a spike is large on the channels within this distance of its peak channel (the detector's default radius_um)
 FOOTPRINT_UM = 50.0
+NOISY_X = 3.0  # a channel whose filtered noise is over this many times its noise level in the bundle is "noisy"
+HEALTH_STRIDE_S = 0.005  # channel health looks at one sample in this many seconds (a median ignores short bursts)
+
+
+def noisy_channels(rows: np.ndarray, noise_uV: np.ndarray) -> np.ndarray:
+    """Channels (bool, C) whose filtered noise over ``rows`` (n, C; MAD / 0.6745, as the bundle's noise levels) is
+    over ``NOISY_X`` times ``noise_uV``."""
+    mad = np.median(np.abs(rows), axis=0) / np.float32(0.6745)
+    return mad > NOISY_X * noise_uV
 
 
 def resolve_reference(reference: str, positions_um=None) -> str:

@@ -170,7 +170,7 @@ class FrontEnd:
         while a < n:
             boundary = (first + a) // step * step + step
             b = min(n, boundary - first)
-            self.motion.apply(filtered[a:b], out[a:b])
+            self.motion.apply(filtered[a:b], out[a:b], first + a)
             piece = self._detect(out[a:b])
             t_detect += self.last_detect_ns
             if self.snippets is not None and piece.events.size:
@@ -265,7 +265,7 @@ def corrected_chunks(preprocessor: Preprocessor, recording: Recording, chunk: in
         while a < n:
             boundary = (first + a) // schedule.step * schedule.step + schedule.step
             b = min(n, boundary - first)
-            schedule.apply(filtered[a:b], out[a:b])
+            schedule.apply(filtered[a:b], out[a:b], first + a)
             if first + b == boundary:
                 schedule.update(boundary)
             a = b

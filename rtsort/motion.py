@@ -23,7 +23,11 @@ chunked. Two sources give it:
   frame: the shift that best aligns the recent histogram (an exponentially
   weighted memory of ``tau_s``) with the reference, per spatial window along
   the probe, is the displacement for the next step. It uses only the
-  detector's spikes, never the labels, so a wrong label cannot pull it.
+  detector's spikes, never the labels, so a wrong label cannot pull it, and
+  leaves out the spikes of channels that were noisy during the step (as the
+  run's channel health defines it, ``rtsort.dsp.noisy_channels``): a channel
+  of pure noise fires hundreds of spikes a second at one depth, which would
+  otherwise pull the registration towards it.
 
 Nothing here imports SpikeInterface or torch.
 """
@@ -37,6 +41,7 @@ import numba
 import numpy as np
 
 from .config import MotionConfig
+from .dsp import HEALTH_STRIDE_S, noisy_channels
 from .features import LOCATION_FLOOR, _prepare
 from .types import Probe
 
@@ -160,8 +165,9 @@ class _Motion:
         self.rows = self.kriging.grid(self.channel_disp)
         self.identity = bool(np.all(self.rows == self.kriging.n_grid))
 
-    def apply(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Resample ``src`` (n, C) into ``dst`` with the current displacement."""
+    def apply(self, src: np.ndarray, dst: np.ndarray, first_sample: int = 0) -> None:
+        """Resample ``src`` (n, C; its first row is sample ``first_sample``) into ``dst`` with the current
+        displacement."""
         if self.identity:
             dst[:] = src
         else:
@@ -209,8 +215,10 @@ class MotionSchedule(_Motion):
     def at_spikes(self, samples: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """The displacement (um) applied to each spike: at its step, at its channel's depth."""
         k = np.clip(np.asarray(samples) // self.step, 0, self.step_disp.shape[0] - 1)
-        per_channel = np.stack([channel_displacement(d, self.centres, self.depths) for d in self.step_disp])
-        return per_channel[k, np.asarray(channels)]
+        # the channels' displacement is linear in the windows': one row of weights (W,) per channel
+        weights = np.stack([channel_displacement(e, self.centres, self.depths) for e in np.eye(self.centres.size)],
+                           axis=1)
+        return np.einsum("sw,sw->s", self.step_disp[k], weights[np.asarray(channels)])
 
     def update(self, boundary: int) -> None:
         self.updates += 1
@@ -286,10 +294,19 @@ class MotionTracker(_Motion):
         Samples from a spike's trough until the front end hands it in at the latest (its snippet's due); an update
         at boundary B counts the spikes whose troughs are before ``B - delay``, which have all been handed in by
         then whatever the chunking.
+    noise_uV : ndarray (C,), optional
+        The bundle's filtered noise per channel. The tracker looks at one corrected sample (as the detector sees
+        them) every ``HEALTH_STRIDE_S`` (fixed sample indices, so chunk-invariant); an update leaves out the spikes
+        whose peak channel was noisy over the step it closes (``noisy_channels``), counted in ``excluded``. None:
+        no check.
     """
 
-    def __init__(self, probe: Probe, sampling_rate: float, cfg: MotionConfig, reference: np.ndarray, delay: int):
+    def __init__(self, probe: Probe, sampling_rate: float, cfg: MotionConfig, reference: np.ndarray, delay: int,
+                 noise_uV: np.ndarray | None = None):
         super().__init__(probe, sampling_rate, cfg)
+        self.noise_uV = None if noise_uV is None else np.asarray(noise_uV, np.float32)
+        self.stride = max(1, int(round(HEALTH_STRIDE_S * sampling_rate)))
+        self._rows = np.zeros((self.step // self.stride + 2, probe.n_channels), np.float32)
         self.fs = float(sampling_rate)
         self.hist = DepthHistogram(probe, cfg)
         ref = np.asarray(reference, np.float64)
@@ -307,8 +324,20 @@ class MotionTracker(_Motion):
         super().reset(first_sample)
         self.acc = np.zeros((self.centres.size, self.hist.n_y, self.hist.n_a))
         self.acc_time = int(first_sample)  # acc holds spikes' weights as of this sample
-        self._pending = []  # (trough, y bin, amplitude bin) of spikes not yet counted
+        self._pending = []  # (trough, y bin, amplitude bin, peak channel) of spikes not yet counted
         self._prev = (int(first_sample), self.channel_disp.copy())  # the displacement before the last update
+        self._n = 0  # rows of the current step's samples in _rows
+        self.excluded = 0
+        self.noisy = np.zeros(self.probe.n_channels, bool)  # over the last step
+
+    def apply(self, src: np.ndarray, dst: np.ndarray, first_sample: int = 0) -> None:
+        super().apply(src, dst)
+        if self.noise_uV is None:
+            return
+        rows = dst[(-first_sample) % self.stride::self.stride]  # as the detector sees them
+        k = min(rows.shape[0], self._rows.shape[0] - self._n)  # a piece never crosses a step boundary
+        self._rows[self._n:self._n + k] = rows[:k]
+        self._n += k
 
     def observe(self, events: np.ndarray, waveforms: np.ndarray, noise: np.ndarray, snippets) -> None:
         """Spikes (deep events and their snippets, in the reference frame) handed in by the front end."""
@@ -321,14 +350,21 @@ class MotionTracker(_Motion):
         ch = events["channel"]
         raw = y + np.where(t < at, before[ch], self.channel_disp[ch])
         yb, ab = self.hist.bins(raw, amp)
-        self._pending.append(np.stack([t, yb, ab], axis=1))
+        self._pending.append(np.stack([t, yb, ab, ch], axis=1))
 
     def update(self, boundary: int) -> None:
         """The displacement for the samples from ``boundary`` on."""
         until = boundary - self.delay
-        pend = np.concatenate(self._pending) if self._pending else np.zeros((0, 3), np.int64)
+        pend = np.concatenate(self._pending) if self._pending else np.zeros((0, 4), np.int64)
         now = pend[pend[:, 0] < until]
         self._pending = [pend[pend[:, 0] >= until]] if pend.size else []
+        if self.noise_uV is not None and self._n:
+            self.noisy = noisy_channels(self._rows[:self._n], self.noise_uV)
+            self._n = 0
+            if now.size and self.noisy.any():
+                keep = ~self.noisy[now[:, 3]]
+                self.excluded += int(now.shape[0] - keep.sum())
+                now = now[keep]
         self.acc *= np.exp(-(until - self.acc_time) * self.decay_per_sample)
         self.acc_time = until
         if now.size:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .assign import LatePhase, make_assigner
 from .bundle import Bundle, load_bundle
+from .dsp import HEALTH_STRIDE_S, noisy_channels
 from .errors import BundleError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
@@ -75,7 +76,7 @@ def motion_tracker(bundle: Bundle, front: FrontEnd):
         return None
     try:
         return MotionTracker(bundle.probe, bundle.sampling_rate, cfg, bundle.motion_reference,
-                             front.snippets.max_wait)
+                             front.snippets.max_wait, noise_uV=bundle.noise_levels[1])
     except ValueError as exc:
         raise BundleError(f"{bundle.path}: {exc}") from None
 
@@ -172,10 +173,15 @@ class Pipeline:
         emitted, unlabelled (-1), without the encoder's cost; candidates,
         which only a template fit makes spikes, are dropped.
         """
+        return self.process_filtered(self.preprocess(samples), encode)
+
+    def preprocess(self, samples: np.ndarray) -> np.ndarray:
+        """Filter one chunk of raw samples (timed as the first stage); the result is also ``last_filtered``,
+        valid until the next chunk."""
         t0 = time.perf_counter_ns()
-        filtered = self.last_filtered = self.front.preprocessor.process(samples)  # valid until the next chunk
+        filtered = self.last_filtered = self.front.preprocessor.process(samples)
         self.stage_ns[0] = time.perf_counter_ns() - t0
-        return self.process_filtered(filtered, encode)
+        return filtered
 
     def process_filtered(self, filtered: np.ndarray, encode: bool = True) -> np.ndarray:
         """The stages after preprocessing, for a chunk this pipeline's preprocessor filtered."""
@@ -312,7 +318,7 @@ class SignalHealth:
       state stays finite;
     - flat: a channel whose raw samples did not change over a window of ``WINDOW_S``;
     - noisy: a channel whose filtered noise over a window (MAD / 0.6745, as the bundle's noise levels) is more
-      than ``NOISY_X`` times its noise level in the bundle.
+      than ``rtsort.dsp.NOISY_X`` (3) times its noise level in the bundle.
 
     Windows see one sample every ``STRIDE_S`` (200 per window): the median
     ignores a short burst (a saturated stretch, a spike train). Flat and noisy
@@ -321,9 +327,8 @@ class SignalHealth:
     (about 10 us at 384 channels), and about 1 ms per window.
     """
 
-    STRIDE_S = 0.005
+    STRIDE_S = HEALTH_STRIDE_S
     WINDOW_S = 1.0
-    NOISY_X = 3.0
 
     def __init__(self, noise_uV: np.ndarray, sampling_rate: float, rail_uV: float):
         c = noise_uV.size
@@ -378,8 +383,7 @@ class SignalHealth:
 
     def _window(self) -> None:
         flat = self._raw.max(axis=0) == self._raw.min(axis=0)  # NaN compares unequal: not flat
-        mad = np.median(np.abs(self._filtered), axis=0) / np.float32(0.6745)
-        noisy = mad > self.NOISY_X * self.noise_uV
+        noisy = noisy_channels(self._filtered, self.noise_uV)
         for now, before, what in ((flat, self.flat, "flat"), (noisy, self.noisy, "noisy")):
             for c in np.flatnonzero(now & ~before).tolist():
                 log.warning("channel %d is %s", c, what)
@@ -480,7 +484,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         motion = sorter.front.motion
         c["motion_um"] = None if motion is None else {  # the tracker's estimate at the end of the run
             "displacement_um": motion.window_disp.round(2).tolist(), "window_centres_um": motion.centres.tolist(),
-            "updates": motion.updates}
+            "updates": motion.updates, "excluded_spikes": int(getattr(motion, "excluded", 0))}
         return {**c,
                 "compute_s_total": compute.total,
                 "compute_ms": compute.percentiles(1000.0),

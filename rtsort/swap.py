@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -238,9 +237,7 @@ class SwappingSorter:
         last = first + samples.shape[0] - 1
         if self._counting is old and last >= self._cut:  # this chunk's counts are the new bundle's
             self._count_from(new)
-        t0 = time.perf_counter_ns()
-        filtered = self.last_filtered = old.front.preprocessor.process(samples)
-        preprocess_ns = time.perf_counter_ns() - t0
+        filtered = self.last_filtered = old.preprocess(samples)
         out = old.front_pass(filtered)  # one front end: its stages are counted once
         a = old.peel(*old.label_pass(out, encode), encode)
         b = new.peel(*new.label_pass(out, encode), encode)
@@ -252,8 +249,7 @@ class SwappingSorter:
         spikes = np.concatenate(parts)
         self.last_peeled = parts[2].size + parts[3].size
         self.stage_ns = old.stage_ns + new.stage_ns
-        self.stage_ns[1:3] = old.stage_ns[1:3]
-        self.stage_ns[0] = preprocess_ns
+        self.stage_ns[:3] = old.stage_ns[:3]
         if first > self._retire:  # every spike before the cut has left (a chunk's length to spare)
             self._finish()
         self._count(spikes)

@@ -134,3 +134,49 @@ def test_a_drifting_recording_sorts_well(drifting):
                            recording.sampling_rate)["summary"]
     assert acc["well_detected"] >= 14, acc  # of 20
     assert acc["mean_accuracy"] >= 0.7, acc
+
+
+def test_tracker_leaves_out_a_noisy_channel(drifting):
+    """A channel of pure noise at 10x fires hundreds of spikes a second at one depth: the tracker leaves them
+    out and keeps following the probe; without the check they pull it off."""
+    recording, root, truth_disp, _ = drifting
+    fs = recording.sampling_rate
+    a, b, ch = int(8 * fs), int(14 * fs), 40
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0.0, 10.0 * 10.0, b - a) / recording.gains_to_uV[ch]  # 10x the recording's 10 uV
+
+    class Noisy:
+        def __getattr__(self, name):
+            return getattr(recording, name)
+
+        def get_traces(self, start, stop):
+            x = recording.get_traces(start, stop).astype(np.float32)
+            lo, hi = max(start, a), min(stop, b)
+            if lo < hi:
+                x[lo - start:hi - start, ch] += noise[lo - a:hi - a]
+            return x
+
+    def track(check: bool):
+        from rtsort.pipeline import Pipeline
+
+        pipe = Pipeline(root / "bundle", recording.gains_to_uV, recording.offsets_to_uV)
+        if not check:
+            pipe.front.motion.noise_uV = None
+        pipe.warmup()
+        pipe.reset(0)
+        err = []
+        for s in range(0, int(16 * fs), 15000):
+            pipe.process(Noisy().get_traces(s, s + 15000))
+            t = (s + 15000) / fs
+            truth = np.interp(t, np.arange(truth_disp.size) / 5.0, truth_disp) - truth_disp[:5].mean()
+            if t > a / fs:
+                err.append(abs(pipe.front.motion.window_disp.mean() - truth))
+        return max(err), pipe.front.motion.excluded
+
+    err, excluded = track(True)
+    err_unchecked, excluded_unchecked = track(False)
+    print(f"NOISY tracking error with the check {err:.1f} um ({excluded} spikes left out), "
+          f"without {err_unchecked:.1f} um")
+    assert excluded > 500 and excluded_unchecked == 0
+    assert err < 5.0
+    assert err_unchecked > err + 2.0

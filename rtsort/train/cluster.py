@@ -114,6 +114,45 @@ def _aligned(w: np.ndarray, template: np.ndarray, max_shift: int) -> np.ndarray:
     return np.take_along_axis(w, idx[:, :, None], axis=1)
 
 
+def _one_mode_p(wa: np.ndarray, wb: np.ndarray) -> float:
+    """The dip test's p-value that two sides' snippets (as many of each; (n, T, C), aligned, on the same channels)
+    are one population, projected on the line between the sides' means less its part along the two means'
+    slopes (a sub-sample offset between how the two sides were aligned shows there and is not a second
+    neuron)."""
+    import diptest
+
+    ma, mb = wa.mean(axis=0), wb.mean(axis=0)
+    slopes = np.linalg.qr(np.stack([np.gradient(ma, axis=0).ravel(), np.gradient(mb, axis=0).ravel()], 1))[0]
+    axis = (ma - mb).ravel()
+    axis -= slopes @ (slopes.T @ axis)
+    axis /= max(np.linalg.norm(axis), 1e-9)
+    proj = np.concatenate([wa.reshape(wa.shape[0], -1) @ axis, wb.reshape(wb.shape[0], -1) @ axis])
+    return float(diptest.diptest(proj.astype(np.float64))[1])
+
+
+def _count_correlation(ca: np.ndarray, cb: np.ndarray) -> float:
+    """The correlation of two sides' spike counts per time bin: near -1 when they take turns over time (one neuron
+    at two depths of the probe's drift)."""
+    ca, cb = ca - ca.mean(), cb - cb.mean()
+    return float(ca @ cb / max(np.linalg.norm(ca), 1e-9) / max(np.linalg.norm(cb), 1e-9))
+
+
+def _time_bins(times_s: np.ndarray | None, cfg: ClusterConfig) -> np.ndarray | None:
+    """Edges of the time bins (``drift_bin_s``) in which two sides' counts are compared, or None: too short a
+    recording for the count correlation to mean anything, or no drift rule."""
+    if times_s is None or not times_s.size or cfg.drift_merge_um <= 0:
+        return None
+    edges = np.arange(times_s.min(), times_s.max() + cfg.drift_bin_s, cfg.drift_bin_s)
+    return edges if edges.size - 1 >= MIN_DRIFT_BINS else None
+
+
+def _as_many(rng, *sides):
+    """As many spikes of each side (at most ``DIP_MAX_SPIKES``): a small neuron beside a big one is a mode of half
+    the mass to the dip test, not a shoulder."""
+    n_each = min(min(sp.size for sp in sides), DIP_MAX_SPIKES)
+    return [sp if sp.size == n_each else np.sort(rng.choice(sp, n_each, replace=False)) for sp in sides]
+
+
 def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts: np.ndarray, xn: np.ndarray,
                     channels: np.ndarray, channel_index: np.ndarray, cfg: ClusterConfig, seed: int = 0,
                     times_s: np.ndarray | None = None, motion_um: np.ndarray | None = None,
@@ -141,17 +180,16 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
     by ``LOCKED_RANK`` at ``LOCKED_Z`` standard errors (:func:`locked_pieces`'
     test), once the probe moved ``MIN_MOTION_UM``.
     """
-    import diptest
-
     n_groups = tm.shape[0]
-    parent = np.arange(n_groups)
+    unit_of = np.arange(n_groups)  # each group's merged unit: its lowest group
     if n_groups < 2:
-        return parent
+        return unit_of
+    groups_of = {g: [g] for g in range(n_groups)}
 
-    def root(i):
-        while parent[i] != i:
-            i = parent[i]
-        return i
+    def merge(ra, rb):
+        lo, hi = min(ra, rb), max(ra, rb)
+        groups_of[lo] = sorted(groups_of[lo] + groups_of.pop(hi))
+        unit_of[groups_of[lo]] = lo
 
     rng = np.random.default_rng(seed)
     k_chan = channel_index.shape[1]
@@ -159,10 +197,9 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
     slot[np.arange(channel_index.shape[0])[:, None], channel_index] = np.arange(k_chan)[None, :]
     members = [np.flatnonzero(groups == g) for g in range(n_groups)]
     turns = None
-    if times_s is not None and times_s.size:
-        edges = np.arange(times_s.min(), times_s.max() + cfg.drift_bin_s, cfg.drift_bin_s)
-        if edges.size - 1 >= MIN_DRIFT_BINS and cfg.drift_merge_um > 0:
-            turns = np.stack([np.histogram(times_s[members[g]], edges)[0] for g in range(n_groups)]).astype(float)
+    edges = _time_bins(times_s, cfg)
+    if edges is not None:
+        turns = np.stack([np.histogram(times_s[members[g]], edges)[0] for g in range(n_groups)]).astype(float)
     locked = None
     if turns is not None and motion_um is not None and np.ptp(motion_um) >= MIN_MOTION_UM:
         from scipy.stats import rankdata
@@ -175,31 +212,27 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
                                      distance_threshold=cfg.merge_threshold).fit_predict(dist)
     pairs = np.argwhere(np.triu((dist < cfg.merge_threshold) & (linked[:, None] == linked[None, :]), k=1))
     for a, b in sorted(pairs.tolist(), key=lambda p: dist[p[0], p[1]]):
-        ra, rb = root(a), root(b)
+        ra, rb = int(unit_of[a]), int(unit_of[b])
         if ra == rb:
             continue
-        now = np.array([root(g) for g in range(n_groups)])
-        sides = [np.flatnonzero(now == r) for r in (ra, rb)]
+        sides = [np.array(groups_of[r]) for r in (ra, rb)]
         spikes = [np.concatenate([members[g] for g in side]) for side in sides]
         if turns is not None:
-            c = [turns[side].sum(axis=0) for side in sides]
-            c = [(x - x.mean()) / max(np.linalg.norm(x - x.mean()), 1e-9) for x in c]
-            if float(c[0] @ c[1]) <= -cfg.drift_merge_anticorrelation:
-                parent[max(ra, rb)] = min(ra, rb)
+            r = _count_correlation(*(turns[side].sum(axis=0) for side in sides))
+            if r <= -cfg.drift_merge_anticorrelation:
+                merge(ra, rb)
                 log.debug("groups %d and %d take turns over time (count correlation %.2f): one drifting neuron, "
-                          "merged", a, b, float(c[0] @ c[1]))
+                          "merged", a, b, r)
                 continue
         if locked is not None:
             d = abs(locked[spikes[0]].mean() - locked[spikes[1]].mean())
             se = np.sqrt(sum(1.0 / max(np.unique(time_bin[o]).size, 1) for o in spikes) / 12.0)
             if d >= LOCKED_RANK and d >= LOCKED_Z * se:
-                parent[max(ra, rb)] = min(ra, rb)
+                merge(ra, rb)
                 log.debug("groups %d and %d fire at different depths of the drift (motion ranks %.2f apart): one "
                           "drifting neuron, merged", a, b, d)
                 continue
-        # as many spikes of each side: a small neuron beside a big one is a mode of half the mass, not a shoulder
-        n_each = min(spikes[0].size, spikes[1].size, DIP_MAX_SPIKES)
-        spikes = [sp if sp.size == n_each else np.sort(rng.choice(sp, n_each, replace=False)) for sp in spikes]
+        spikes = _as_many(rng, *spikes)
         cover = [counts[side].sum(axis=0) for side in sides]
         both = np.flatnonzero((cover[0] >= 0.5 * cover[0].max()) & (cover[1] >= 0.5 * cover[1].max()))
         if both.size == 0:
@@ -215,23 +248,14 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
                      axis=1)
         # each spike aligned on its own; the samples a shift wrapped round the snippet's ends are left out
         edge = slice(2 * max_shift, common.shape[0] - 2 * max_shift)
-        wa, wb = (_aligned(w, common, max_shift)[:, edge] for w in (wa, wb))
-        ma, mb = wa.mean(axis=0), wb.mean(axis=0)
-        # a difference that a time shift explains (the slopes of the two means) is alignment, not a second neuron
-        slopes = np.linalg.qr(np.stack([np.gradient(ma, axis=0).ravel(), np.gradient(mb, axis=0).ravel()], 1))[0]
-        axis = (ma - mb).ravel()
-        axis -= slopes @ (slopes.T @ axis)
-        axis /= max(np.linalg.norm(axis), 1e-9)
-        proj = np.concatenate([wa.reshape(wa.shape[0], -1) @ axis, wb.reshape(wb.shape[0], -1) @ axis])
-        dip, p = diptest.diptest(proj.astype(np.float64))
+        p = _one_mode_p(*(_aligned(w, common, max_shift)[:, edge] for w in (wa, wb)))
         if p >= DIP_P:
-            parent[max(ra, rb)] = min(ra, rb)
+            merge(ra, rb)
         log.debug("groups %d and %d (template distance %.2f; %d and %d spikes, peaks %.1f and %.1f x noise; "
-                  "shift %d): dip %.3f, p %.3g: %s", a, b, dist[a, b], members[a].size, members[b].size,
-                  np.abs(tm[a]).max(), np.abs(tm[b]).max(), shift, dip, p,
+                  "shift %d): dip p %.3g: %s", a, b, dist[a, b], members[a].size, members[b].size,
+                  np.abs(tm[a]).max(), np.abs(tm[b]).max(), shift, p,
                   "one population, merged" if p >= DIP_P else "two populations, kept apart")
-    roots = np.array([root(i) for i in range(n_groups)])
-    return np.unique(roots, return_inverse=True)[1]
+    return np.unique(unit_of, return_inverse=True)[1]
 
 
 def small_units(labels: np.ndarray, n_units: int, cfg: ClusterConfig) -> np.ndarray:
