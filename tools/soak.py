@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -272,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="folder for minutes.jsonl, run_stats.json and summary.json "
                                             "(default: a temporary folder)")
     args = p.parse_args(argv)
+    # SIGTERM (a timeout, kill) unwinds like Ctrl-C, so the replay and the sorter are stopped with the soak
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = args.out or Path(tempfile.mkdtemp(prefix="rtsort-soak-"))
     soak(args.minutes, args.channels, args.bundle, args.recording, args.transport, out, args.chunk_ms)
     return 0
