@@ -35,6 +35,8 @@ Results are cached per (recording, sorter, seed) in OUT/corpus_results.json:
 --retry-failed), --rtsort-only reuses every peer result and reruns rtsort's rows.
 The table is generated: the report half goes to docs/accuracy.md (only when
 the run covers the whole half; a partial one goes to OUT/accuracy_report.md),
+with the results behind it in docs/accuracy_results.json, which --reuse reads
+for what OUT lacks (a new checkout reruns rtsort's rows, not the peers'),
 the tune half to OUT/accuracy_tune.md, never to docs.
 """
 
@@ -209,6 +211,7 @@ def main(argv=None):
 
 # ====================================================================== the development corpus
 ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "docs" / "accuracy_results.json"  # every run behind docs/accuracy.md, written with it
 MIN_SCORE_KEYS = ("well_detected", "n_true_units", "n_sorted_units", "mean_accuracy", "median_accuracy",
                   "false_positive_units")
 
@@ -353,6 +356,9 @@ def corpus_main(args, ap, argv) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "corpus_results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
+    if args.reuse and PUBLISHED.exists():  # the runs behind docs/accuracy.md: peers need not run again
+        for key, entry in json.loads(PUBLISHED.read_text()).items():
+            results.setdefault(key, entry)
     rows = corpus_rows(sorters, args.seeds, args.config)
     config_sha = hashlib.sha256(args.config.read_bytes()).hexdigest()[:12] if args.config else None
     folders = corpus.ensure(ids, args.corpus_root, log=lambda m: print(m, flush=True))
@@ -401,6 +407,9 @@ def corpus_main(args, ap, argv) -> int:
     md = corpus_markdown(corpus, args.corpus, ids, rows, results, command, args)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
+    if md_path == ROOT / "docs" / "accuracy.md":  # the results behind the table, beside it
+        used = {f"{i}/{r[0]}": results[f"{i}/{r[0]}"] for i in ids for r in rows if f"{i}/{r[0]}" in results}
+        PUBLISHED.write_text(json.dumps(used, indent=1) + "\n")
     print(f"\nwrote {md_path}")
     return 0
 
