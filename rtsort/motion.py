@@ -328,7 +328,6 @@ class MotionTracker(_Motion):
         self._prev = (int(first_sample), self.channel_disp.copy())  # the displacement before the last update
         self._n = 0  # rows of the current step's samples in _rows
         self.excluded = 0
-        self.noisy = np.zeros(self.probe.n_channels, bool)  # over the last step
 
     def apply(self, src: np.ndarray, dst: np.ndarray, first_sample: int = 0) -> None:
         super().apply(src, dst)
@@ -359,10 +358,10 @@ class MotionTracker(_Motion):
         now = pend[pend[:, 0] < until]
         self._pending = [pend[pend[:, 0] >= until]] if pend.size else []
         if self.noise_uV is not None and self._n:
-            self.noisy = noisy_channels(self._rows[:self._n], self.noise_uV)
+            noisy = noisy_channels(self._rows[:self._n], self.noise_uV)
             self._n = 0
-            if now.size and self.noisy.any():
-                keep = ~self.noisy[now[:, 3]]
+            if now.size and noisy.any():
+                keep = ~noisy[now[:, 3]]
                 self.excluded += int(now.shape[0] - keep.sum())
                 now = now[keep]
         self.acc *= np.exp(-(until - self.acc_time) * self.decay_per_sample)

@@ -484,7 +484,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         motion = sorter.front.motion
         c["motion_um"] = None if motion is None else {  # the tracker's estimate at the end of the run
             "displacement_um": motion.window_disp.round(2).tolist(), "window_centres_um": motion.centres.tolist(),
-            "updates": motion.updates, "excluded_spikes": int(getattr(motion, "excluded", 0))}
+            "updates": motion.updates, "excluded_spikes": motion.excluded}
         return {**c,
                 "compute_s_total": compute.total,
                 "compute_ms": compute.percentiles(1000.0),

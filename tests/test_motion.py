@@ -145,16 +145,12 @@ def test_tracker_leaves_out_a_noisy_channel(drifting):
     rng = np.random.default_rng(1)
     noise = rng.normal(0.0, 10.0 * 10.0, b - a) / recording.gains_to_uV[ch]  # 10x the recording's 10 uV
 
-    class Noisy:
-        def __getattr__(self, name):
-            return getattr(recording, name)
-
-        def get_traces(self, start, stop):
-            x = recording.get_traces(start, stop).astype(np.float32)
-            lo, hi = max(start, a), min(stop, b)
-            if lo < hi:
-                x[lo - start:hi - start, ch] += noise[lo - a:hi - a]
-            return x
+    def noisy_traces(start, stop):
+        x = recording.get_traces(start, stop).astype(np.float32)
+        lo, hi = max(start, a), min(stop, b)
+        if lo < hi:
+            x[lo - start:hi - start, ch] += noise[lo - a:hi - a]
+        return x
 
     def track(check: bool):
         from rtsort.pipeline import Pipeline
@@ -166,7 +162,7 @@ def test_tracker_leaves_out_a_noisy_channel(drifting):
         pipe.reset(0)
         err = []
         for s in range(0, int(16 * fs), 15000):
-            pipe.process(Noisy().get_traces(s, s + 15000))
+            pipe.process(noisy_traces(s, s + 15000))
             t = (s + 15000) / fs
             truth = np.interp(t, np.arange(truth_disp.size) / 5.0, truth_disp) - truth_disp[:5].mean()
             if t > a / fs:

@@ -408,8 +408,8 @@ def corpus_main(args, ap, argv) -> int:
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
     if md_path == ROOT / "docs" / "accuracy.md":  # the results behind the table, beside it
-        used = {f"{i}/{r[0]}": results[f"{i}/{r[0]}"] for i in ids for r in rows if f"{i}/{r[0]}" in results}
-        PUBLISHED.write_text(json.dumps(used, indent=1) + "\n")
+        keys = [f"{i}/{r[0]}" for i in ids for r in rows]
+        PUBLISHED.write_text(json.dumps({k: results[k] for k in keys if k in results}, indent=1) + "\n")
     print(f"\nwrote {md_path}")
     return 0
 

@@ -130,29 +130,6 @@ def _one_mode_p(wa: np.ndarray, wb: np.ndarray) -> float:
     return float(diptest.diptest(proj.astype(np.float64))[1])
 
 
-def _count_correlation(ca: np.ndarray, cb: np.ndarray) -> float:
-    """The correlation of two sides' spike counts per time bin: near -1 when they take turns over time (one neuron
-    at two depths of the probe's drift)."""
-    ca, cb = ca - ca.mean(), cb - cb.mean()
-    return float(ca @ cb / max(np.linalg.norm(ca), 1e-9) / max(np.linalg.norm(cb), 1e-9))
-
-
-def _time_bins(times_s: np.ndarray | None, cfg: ClusterConfig) -> np.ndarray | None:
-    """Edges of the time bins (``drift_bin_s``) in which two sides' counts are compared, or None: too short a
-    recording for the count correlation to mean anything, or no drift rule."""
-    if times_s is None or not times_s.size or cfg.drift_merge_um <= 0:
-        return None
-    edges = np.arange(times_s.min(), times_s.max() + cfg.drift_bin_s, cfg.drift_bin_s)
-    return edges if edges.size - 1 >= MIN_DRIFT_BINS else None
-
-
-def _as_many(rng, *sides):
-    """As many spikes of each side (at most ``DIP_MAX_SPIKES``): a small neuron beside a big one is a mode of half
-    the mass to the dip test, not a shoulder."""
-    n_each = min(min(sp.size for sp in sides), DIP_MAX_SPIKES)
-    return [sp if sp.size == n_each else np.sort(rng.choice(sp, n_each, replace=False)) for sp in sides]
-
-
 def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts: np.ndarray, xn: np.ndarray,
                     channels: np.ndarray, channel_index: np.ndarray, cfg: ClusterConfig, seed: int = 0,
                     times_s: np.ndarray | None = None, motion_um: np.ndarray | None = None,
@@ -197,9 +174,10 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
     slot[np.arange(channel_index.shape[0])[:, None], channel_index] = np.arange(k_chan)[None, :]
     members = [np.flatnonzero(groups == g) for g in range(n_groups)]
     turns = None
-    edges = _time_bins(times_s, cfg)
-    if edges is not None:
-        turns = np.stack([np.histogram(times_s[members[g]], edges)[0] for g in range(n_groups)]).astype(float)
+    if times_s is not None and times_s.size:
+        edges = np.arange(times_s.min(), times_s.max() + cfg.drift_bin_s, cfg.drift_bin_s)
+        if edges.size - 1 >= MIN_DRIFT_BINS and cfg.drift_merge_um > 0:
+            turns = np.stack([np.histogram(times_s[members[g]], edges)[0] for g in range(n_groups)]).astype(float)
     locked = None
     if turns is not None and motion_um is not None and np.ptp(motion_um) >= MIN_MOTION_UM:
         from scipy.stats import rankdata
@@ -218,7 +196,9 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
         sides = [np.array(groups_of[r]) for r in (ra, rb)]
         spikes = [np.concatenate([members[g] for g in side]) for side in sides]
         if turns is not None:
-            r = _count_correlation(*(turns[side].sum(axis=0) for side in sides))
+            c = [turns[side].sum(axis=0) for side in sides]
+            c = [(x - x.mean()) / max(np.linalg.norm(x - x.mean()), 1e-9) for x in c]
+            r = float(c[0] @ c[1])
             if r <= -cfg.drift_merge_anticorrelation:
                 merge(ra, rb)
                 log.debug("groups %d and %d take turns over time (count correlation %.2f): one drifting neuron, "
@@ -232,7 +212,9 @@ def unimodal_merges(groups: np.ndarray, dist: np.ndarray, tm: np.ndarray, counts
                 log.debug("groups %d and %d fire at different depths of the drift (motion ranks %.2f apart): one "
                           "drifting neuron, merged", a, b, d)
                 continue
-        spikes = _as_many(rng, *spikes)
+        # as many spikes of each side: a small neuron beside a big one is a mode of half the mass, not a shoulder
+        n_each = min(spikes[0].size, spikes[1].size, DIP_MAX_SPIKES)
+        spikes = [sp if sp.size == n_each else np.sort(rng.choice(sp, n_each, replace=False)) for sp in spikes]
         cover = [counts[side].sum(axis=0) for side in sides]
         both = np.flatnonzero((cover[0] >= 0.5 * cover[0].max()) & (cover[1] >= 0.5 * cover[1].max()))
         if both.size == 0:
