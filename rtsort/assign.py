@@ -143,17 +143,26 @@ def shifted_fit(x, templates, u, s, channel_index, c):
 
 @numba.njit(cache=True, nogil=True)
 def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
-               max_residual, protos, max_footprint, footprint_of_fit):
+               max_residual, protos, max_footprint, footprint_of_fit, temperature):
     """The candidate unit whose scaled, shifted template explains most of snippet ``x`` (T, K): (unit or -1, gain,
-    mean squared residual per sample of that unit's fit once it passes the gates, else NaN).
+    mean squared residual per sample of that unit's fit once it passes the gates, else NaN, confidence).
 
     gain = ||x||^2 - ||x - a T||^2 = 2 a <x, T> - a^2 ||T||^2 over the snippet's channels; the fit maximises
     gain - ``prior`` (a - 1)^2 ||T||^2, so a = (<x, T> + prior ||T||^2) / ((1 + prior) ||T||^2) clipped to
     [amin, amax]. The best fit must reach ``min_snr`` as a matched filter, <x, T> / ||T||, and a raw scale
     <x, T> / ||T||^2 of at least ``min_scale``, and leave at most ``max_residual`` of mean squared residual
     per sample (noise alone: 1) plus ``RESIDUAL_OF_FIT`` of the fitted template's energy.
+
+    The confidence is the chosen unit's posterior probability: in noise units, with Gaussian noise and the scale
+    prior, a unit's penalised gain p is twice its log-likelihood (and log prior) ratio against noise alone, so
+    P(u | x) = exp(p_u / 2t) / (1 + sum_v exp(p_v / 2t)) over the candidates (best shift each) and noise (p = 0).
+    ``temperature`` t > 1 widens it for noise correlated over samples and channels (``assign.confidence_temperature``).
+    NaN when no unit is chosen.
     """
     t_len, n_k = x.shape
+    inv_2t = 0.5 / temperature
+    lse_m = 0.0  # running log-sum-exp of p / 2t over the hypotheses seen: noise alone (p = 0) to start
+    lse_s = 1.0
     best_p = -np.inf  # the penalised gain that chooses
     best_g = -np.inf
     best_u = -1
@@ -168,12 +177,14 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
             seen = seen or candidates[mm] == u
         if seen:
             continue
+        unit_p = -np.inf
         for s in range(-max_shift, max_shift + 1):
             dot, nrm = shifted_fit(x, templates, u, s, channel_index, c)
             if nrm <= 0.0:
                 continue
             a = min(max((dot + prior * nrm) / ((1.0 + prior) * nrm), amin), amax)
             p = 2.0 * a * dot - a * a * nrm - prior * (a - 1.0) * (a - 1.0) * nrm
+            unit_p = max(unit_p, p)
             if p > best_p:
                 best_p = p
                 a = min(max(dot / nrm, amin), amax)  # the unit is chosen; its own best fit is judged
@@ -183,6 +194,13 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
                 best_a = dot / nrm
                 best_nrm = nrm
                 best_s = s
+        if unit_p > -np.inf:
+            q = unit_p * inv_2t
+            if q > lse_m:
+                lse_s = lse_s * np.exp(lse_m - q) + 1.0
+                lse_m = q
+            else:
+                lse_s += np.exp(q - lse_m)
     ok = best_z >= min_snr and best_a >= min_scale
     res = np.nan
     if ok:
@@ -203,29 +221,33 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
                     p += (x[t, j] - a * templates[best_u, t - best_s, ch]) * protos[best_u, t - best_s]
                 stat += p * p
             ok = stat <= max_footprint * n_k + footprint_of_fit * best_a * best_a * best_nrm
-    return (best_u if ok else -1), best_g, res
+    conf = np.exp(best_p * inv_2t - lse_m) / lse_s if ok else np.nan
+    return (best_u if ok else -1), best_g, res, conf
 
 
 @numba.njit(cache=True, nogil=True)
 def _match(xn, channels, channel_index, templates, candidates, amin, amax, prior, max_shift, min_snr, min_scale,
-           max_residual, protos, max_footprint, footprint_of_fit, unit, gain):
-    """:func:`_match_one` for every spike not already rejected (``unit`` < 0 stays; its gain is NaN)."""
+           max_residual, protos, max_footprint, footprint_of_fit, temperature, unit, gain, conf):
+    """:func:`_match_one` for every spike not already rejected (``unit`` < 0 stays; its gain and confidence are
+    NaN)."""
     for i in range(xn.shape[0]):
         gain[i] = np.nan
+        conf[i] = np.nan
         if unit[i] >= 0:
-            unit[i], gain[i], _ = _match_one(xn[i], channels[i], channel_index, templates, candidates[i], amin,
-                                             amax, prior, max_shift, min_snr, min_scale, max_residual, protos,
-                                             max_footprint, footprint_of_fit)
+            unit[i], gain[i], _, conf[i] = _match_one(xn[i], channels[i], channel_index, templates, candidates[i],
+                                                      amin, amax, prior, max_shift, min_snr, min_scale, max_residual,
+                                                      protos, max_footprint, footprint_of_fit, temperature)
 
 
 @numba.njit(cache=True, nogil=True)
 def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate, within, n_cand, near_units,
            channel_index, templates, amin, amax, prior, max_shift, min_snr, min_scale, max_residual, protos,
-           max_footprint, footprint_of_fit, unit, dist, residual):
+           max_footprint, footprint_of_fit, temperature, unit, dist, residual, conf):
     """Every event of a chunk in one pass: spikes (``deep``, rows of ``features`` in order) by nearest centroid and
     template fit among the short list; candidates by template fit among ``near_units`` of their channel, which
     must also leave at most ``max_residual`` (a spike's residual is not limited: collisions stay labelled).
-    ``residual``: each labelled event's mean squared residual per sample (NaN if unlabelled)."""
+    ``residual``: each labelled event's mean squared residual per sample (NaN if unlabelled); ``conf``: its
+    confidence (:func:`_match_one`)."""
     n = max(n_cand, 1)
     top_d = np.empty(n, np.float64)
     top_j = np.empty(n, np.int64)
@@ -234,22 +256,26 @@ def _label(features, deep, xn, channels, centroids, centroid_unit, radius, rate,
     for i in range(xn.shape[0]):
         c = channels[i]
         residual[i] = np.nan
+        conf[i] = np.nan
         if deep[i]:
             unit[i], dist[i] = _nearest_one(features[r], centroids, centroid_unit, radius, rate, within, cand,
                                             top_d, top_j)
             r += 1
             if unit[i] >= 0:
-                unit[i], _, res = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, prior, max_shift,
-                                             min_snr, min_scale, np.inf, protos, np.inf, 0.0)
+                unit[i], _, res, cf = _match_one(xn[i], c, channel_index, templates, cand, amin, amax, prior,
+                                                 max_shift, min_snr, min_scale, np.inf, protos, np.inf, 0.0,
+                                                 temperature)
                 if unit[i] >= 0:
                     residual[i] = res
+                    conf[i] = cf
         else:
             dist[i] = np.nan
-            unit[i], _, res = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, prior,
-                                         max_shift, min_snr, min_scale, max_residual, protos, max_footprint,
-                                         footprint_of_fit)
+            unit[i], _, res, cf = _match_one(xn[i], c, channel_index, templates, near_units[c], amin, amax, prior,
+                                             max_shift, min_snr, min_scale, max_residual, protos, max_footprint,
+                                             footprint_of_fit, temperature)
             if unit[i] >= 0:
                 residual[i] = res
+                conf[i] = cf
 
 
 class TemplateMatcher:
@@ -281,11 +307,14 @@ class TemplateMatcher:
         chosen template's time course (``protos``, its peak channel's of unit norm; noise alone gives 1), plus
         ``footprint_of_fit`` x the fit's energy, so a neighbour's spike on channels in other proportions is
         not claimed (inf: no limit).
+    confidence_temperature : float
+        Widens the fit's posterior over units (the confidence) for noise correlated over samples and channels.
     """
 
     def __init__(self, templates, voltage_noise, channel_index, max_shift: int = 1, min_snr: float = 10.0,
                  min_scale: float = 0.6, max_residual: float = np.inf, amplitude_prior: float = 0.0,
-                 max_footprint: float = np.inf, footprint_of_fit: float = FOOTPRINT_OF_FIT):
+                 max_footprint: float = np.inf, footprint_of_fit: float = FOOTPRINT_OF_FIT,
+                 confidence_temperature: float = 1.0):
         tm = np.asarray(templates, dtype=np.float32)
         noise = np.asarray(voltage_noise, dtype=np.float32)
         if tm.ndim != 3 or tm.shape[2] != noise.shape[0]:
@@ -310,24 +339,28 @@ class TemplateMatcher:
         self.protos = np.ascontiguousarray(np.where(nrm > 0, pk / np.maximum(nrm, 1e-12), 0.0), dtype=np.float32)
         self.max_footprint = float(max_footprint)
         self.footprint_of_fit = float(footprint_of_fit)
+        self.temperature = float(confidence_temperature)
 
     @property
     def n_samples(self) -> int:
         return self.templates.shape[1]
 
     def match(self, xn: np.ndarray, channels: np.ndarray, candidates: np.ndarray, unit: np.ndarray,
-              gates: bool = True) -> np.ndarray:
+              gates: bool = True, confidence: np.ndarray | None = None) -> np.ndarray:
         """Overwrite ``unit`` (k,) int32 in place with the best-fitting candidate (or -1; a unit < 0 on entry
         stays); return the gains (k,). Without ``gates`` only the residual limit judges the fit (the matched
-        filter and scale gates are the caller's)."""
+        filter and scale gates are the caller's). ``confidence`` (k,) float32, if given, receives each label's
+        posterior probability (NaN: none)."""
         gain = np.empty(unit.shape[0], np.float64)
+        if confidence is None:
+            confidence = np.empty(unit.shape[0], np.float32)
         if unit.shape[0]:
             _match(np.ascontiguousarray(xn, dtype=np.float32), np.ascontiguousarray(channels, dtype=np.int64),
                    self.channel_index, self.templates, np.ascontiguousarray(candidates, dtype=np.int32),
                    AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1], self.amplitude_prior, self.max_shift,
                    self.min_snr if gates else -np.inf, self.min_scale if gates else -np.inf, self.max_residual,
                    self.protos, self.max_footprint if self.max_residual < np.inf else np.inf, self.footprint_of_fit,
-                   unit, gain)
+                   self.temperature, unit, gain, confidence)
         return gain
 
 
@@ -376,7 +409,8 @@ class Assigner:
                         self.matcher, self.candidates)
 
     def label(self, features: np.ndarray, xn: np.ndarray, channels: np.ndarray, deep: np.ndarray,
-              residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              residual: np.ndarray | None = None,
+              confidence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Label events: spikes (``deep``) as :meth:`assign` does, candidates by template fit alone.
 
         ``features`` holds the rows of the deep events only (candidates are not
@@ -384,11 +418,14 @@ class Assigner:
         are those whose template peaks on one of its snippet channels; without
         a matcher no candidate is claimed. Distances of candidates are NaN.
         ``residual`` (k,) float64, if given, receives each event's mean squared
-        residual per sample under its unit's fit (NaN: no template fit).
+        residual per sample under its unit's fit (NaN: no template fit); ``confidence`` (k,) float32, its
+        posterior probability (NaN: no template fit chose it).
         """
         k = xn.shape[0]
         if residual is not None:
             residual[:] = np.nan
+        if confidence is not None:
+            confidence[:] = np.nan
         if self.matcher is None or k == 0 or self.centroids.shape[0] == 0:
             unit = np.full(k, -1, np.int32)
             dist = np.full(k, np.nan, np.float32)
@@ -404,8 +441,9 @@ class Assigner:
                self.centroids, self.centroid_unit, self.radius, self.track_rate, self.track_within, self.candidates,
                m.near_units, m.channel_index, m.templates, AMPLITUDE_RANGE[0], AMPLITUDE_RANGE[1],
                m.amplitude_prior, m.max_shift, m.min_snr, m.min_scale, m.max_residual, m.protos,
-               m.max_footprint if m.max_residual < np.inf else np.inf, m.footprint_of_fit, unit, dist,
-               residual if residual is not None else np.empty(k, np.float64))
+               m.max_footprint if m.max_residual < np.inf else np.inf, m.footprint_of_fit, m.temperature, unit, dist,
+               residual if residual is not None else np.empty(k, np.float64),
+               confidence if confidence is not None else np.empty(k, np.float32))
         return unit, dist
 
     def assign(self, features: np.ndarray, xn: np.ndarray | None = None,
@@ -427,6 +465,18 @@ class Assigner:
         return unit, dist
 
 
+def unit_purity(units: list) -> np.ndarray:
+    """Each unit's share of spikes from its own neuron, from its refractory-period violations (the unit table's
+    ``isi_violations_ratio`` r, Hill et al. 2011): spikes of other neurons, a fraction f of the unit's, firing
+    independently of it, give r = f (1 - f), so f = (1 - sqrt(1 - 4 r)) / 2; r >= 1/4 says at least half, 0.5.
+    Two neurons merged into one unit are seen this way (their spikes violate each other's refractory period); a
+    unit without the metric counts as pure. A spike's confidence is its template posterior times this."""
+    r = np.array([float(u.get("isi_violations_ratio", 0.0) or 0.0) if isinstance(u, dict) else 0.0 for u in units])
+    r = np.where(np.isfinite(r), np.maximum(r, 0.0), 0.0)
+    f = np.where(r < 0.25, (1.0 - np.sqrt(np.clip(1.0 - 4.0 * r, 0.0, 1.0))) / 2.0, 0.5)
+    return (1.0 - f).astype(np.float32)
+
+
 def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, channel_index, cfg: AssignConfig,
                   track_rate: float | None = None) -> Assigner:
     """The labelling ``[assign]`` asks for: centroids, and the template fit unless ``template_candidates`` = 0."""
@@ -436,7 +486,8 @@ def make_assigner(centroids, centroid_unit, radius, templates, voltage_noise, ch
                               cfg.template_min_snr, cfg.template_min_scale,
                               cfg.candidate_max_residual if cfg.candidate_max_residual > 0 else np.inf,
                               cfg.amplitude_prior,
-                              cfg.candidate_max_footprint if cfg.candidate_max_footprint > 0 else np.inf) \
+                              cfg.candidate_max_footprint if cfg.candidate_max_footprint > 0 else np.inf,
+                              confidence_temperature=cfg.confidence_temperature) \
         if cfg.template_candidates > 0 else None
     return Assigner(centroids, centroid_unit, radius, cfg.track_rate, cfg.track_within, matcher,
                     cfg.template_candidates)

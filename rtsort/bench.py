@@ -7,6 +7,11 @@ Transports: ``inproc`` (the file streamed through ``run_stream`` as fast as
 it goes: compute per chunk and per stage, throughput); ``zmq`` and ``lsl``
 (three processes: ``rtsort replay`` at 1x, ``rtsort run``, and this process
 as the consumer of the labelled events: trough-to-event latency).
+``--accuracy RECORDING_DIR`` (a recording with ``truth.npz``) replays that
+recording the same way and scores, with SpikeInterface's comparison, the
+events that reached the consumer within each of :data:`DEADLINES_MS` of their
+trough (:func:`accuracy_vs_latency`): what a closed loop that must act by
+then gets.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import numpy as np
 
 from .pipeline import STAGES, run_stream
 from .stats import percentiles
+from .types import FLAG_PEELED
 
 log = logging.getLogger("rtsort.bench")
+DEADLINES_MS = (1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 def cache_dir() -> Path:
@@ -111,7 +118,7 @@ class _ZmqConsumer:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(address)
 
-    def consume(self, runner, lat: list) -> int:
+    def consume(self, runner, lat: list, stamps: list, flags: list) -> int:
         from .streams.replay import now
         from .streams.zmq import decode_spikes
 
@@ -120,6 +127,8 @@ class _ZmqConsumer:
             if self.sub.poll(100):
                 s = decode_spikes(self.sub.recv_multipart())
                 lat.extend((now() - s["timestamp"]).tolist())
+                stamps.extend(s["timestamp"].tolist())
+                flags.extend(s["flags"].tolist())
                 n += s.size
             elif runner.poll() is not None:  # the runner has exited and nothing is left in flight
                 break
@@ -134,26 +143,32 @@ class _LslConsumer:
         info = pylsl.resolve_byprop("name", name, timeout=60)
         if not info:
             raise RuntimeError(f"the marker outlet lsl:{name} did not appear")
-        self.inlet = pylsl.StreamInlet(info[0], processing_flags=pylsl.proc_clocksync)
+        # one host, one clock: the markers' stamps are used as sent (clock sync would only add its estimate's error)
+        self.inlet = pylsl.StreamInlet(info[0])
         self.inlet.open_stream(timeout=10)
-        self.inlet.time_correction(timeout=10)  # the first clock-sync estimate, before any marker
 
-    def consume(self, runner, lat: list) -> int:
+    def consume(self, runner, lat: list, stamps: list, flags: list) -> int:
         import pylsl
 
         n = 0
         while runner.poll() is None:
-            _, ts = self.inlet.pull_chunk(timeout=0.1, max_samples=4096, as_numpy=True, min_samples=1)
+            x, ts = self.inlet.pull_chunk(timeout=0.1, max_samples=4096, as_numpy=True, min_samples=1)
             if len(ts):
                 lat.extend(pylsl.local_clock() - ts)
+                stamps.extend(ts.tolist())
+                flags.extend(x[:, 4].tolist())  # MARKER_CHANNELS
                 n += len(ts)
         self.inlet.close_stream()
         return n
 
 
 def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, seconds: float,
-               realtime: bool = False) -> dict:
-    """Replay at 1x -> rtsort run -> this process; trough-to-event latency of every labelled spike."""
+               realtime: bool = False, events: Path | None = None) -> dict:
+    """Replay at 1x -> rtsort run -> this process; trough-to-event latency of every labelled spike.
+
+    ``events``: also keep the run's spikes file there, each spike with the latency at which this process
+    received it (``consumer_latency_ms``; NaN: never received).
+    """
     from socket import socket
 
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
@@ -169,9 +184,11 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
     with tempfile.TemporaryDirectory() as tmp:
         stats_file = Path(tmp) / "run.json"
         cmd = [sys.executable, "-m", "rtsort", "-q"]
+        live = Path(tmp) / "live.npz"
         runner = subprocess.Popen(cmd + ["run", "--bundle", str(bundle), "--source", src, "--sink", dst,
                                          "--idle-timeout", "2", "--resolve-timeout", "30", "--stats",
-                                         str(stats_file)] + (["--realtime"] if realtime else []),
+                                         str(stats_file)] + (["--realtime"] if realtime else []) +
+                                  (["--sink", f"file:{live}"] if events is not None else []),
                                   stdout=subprocess.DEVNULL)
         # the consumer is connected to rtsort's sink before the first sample is sent
         consumer = _ZmqConsumer(dst[4:]) if transport == "zmq" else _LslConsumer(dst[4:])
@@ -179,14 +196,22 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         sender = subprocess.Popen(cmd + ["replay", str(recording), "--to", src, "--chunk-ms", str(chunk_ms),
                                          "--duration", str(seconds)], stdout=subprocess.PIPE, text=True)
         lat: list = []
-        n = consumer.consume(runner, lat)
+        stamps: list = []
+        flags: list = []
+        n = consumer.consume(runner, lat, stamps, flags)
         out, _ = sender.communicate(timeout=60)
         runner.wait(60)
         run = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    lat_ms = np.asarray(lat) * 1000.0
+        lat_ms = np.asarray(lat) * 1000.0
+        if events is not None:
+            _received_at(live, events, np.asarray(stamps, np.float64), lat_ms)
+    later = (np.asarray(flags, np.int64) & FLAG_PEELED) > 0
     return {
         "events_received": int(n),
         "trough_to_event_ms": percentiles(lat_ms),
+        # the spikes of the first pass (not peeled: what leaves with its chunk), and the peeled ones, at the consumer
+        "first_pass_trough_to_event_ms": percentiles(lat_ms[~later]) if later.size == lat_ms.size else {},
+        "peeled_trough_to_event_ms": percentiles(lat_ms[later]) if later.size == lat_ms.size else {},
         "wait_ms": run.get("wait_ms", {}),  # trough -> end of the chunk that completed its snippet
         "arrival_ms": run.get("arrival_ms", {}),  # a chunk's last sample taken -> chunk read by rtsort
         "emitted_ms": run.get("trough_to_emit_ms", {}),  # trough -> sent by rtsort (wait, transport in, compute)
@@ -203,6 +228,128 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         "dropped": run.get("dropped_by_sinks", 0),
         "replay": out.strip(),
     }
+
+
+def _received_at(live: Path, out: Path, stamps: np.ndarray, lat_ms: np.ndarray) -> None:
+    """The run's spikes file, each spike with the consumer's latency: matched by trough time, which every
+    transport carries as sent (spikes sharing a trough sample arrive together, in one message)."""
+    with np.load(live) as f:
+        data = {k: f[k] for k in f.files}
+    order = np.argsort(stamps, kind="stable")
+    stamps, lat_ms = stamps[order], lat_ms[order]
+    ts = data["timestamp"]
+    got = np.full(ts.size, np.nan, np.float32)
+    if stamps.size:
+        j = np.clip(np.searchsorted(stamps, ts), 0, stamps.size - 1)
+        hit = stamps[j] == ts
+        got[hit] = lat_ms[j[hit]]
+    np.savez(out, **data, consumer_latency_ms=got)
+
+
+def accuracy_vs_latency(recording_dir: Path, bundle: Path | None, transport: str, chunk_ms: float,
+                        seconds: float | None, realtime: bool = False, progress: bool = True) -> dict:
+    """Replay a ground-truth recording at 1x through ``transport``, sort it live, and score the events that
+    reached this process within each deadline of :data:`DEADLINES_MS` (later ones count as missed).
+
+    Without ``bundle`` one is trained on the recording itself (default configuration, seed 0; cached).
+    """
+    from .errors import RecordingError
+    from .evaluate import sorting_accuracy
+    from .io import open_recording
+
+    recording_dir = Path(recording_dir)
+    rec_path, truth_path = recording_dir / "recording.bin", recording_dir / "truth.npz"
+    for p in (rec_path, truth_path):
+        if not p.exists():
+            raise RecordingError(f"{recording_dir}: --accuracy needs a recording folder with {p.name} "
+                                 "(rtsort simulate writes one)")
+    rec = open_recording(rec_path)
+    if bundle is None:
+        from .config import Config
+        from .train import train_bundle
+
+        key = hashlib.sha256(str(rec_path.resolve()).encode()).hexdigest()[:16]
+        bundle = cache_dir() / f"accuracy_{key}" / "bundle"
+        if not (bundle / "manifest.json").exists() or \
+                (bundle / "manifest.json").stat().st_mtime < rec_path.stat().st_mtime:
+            log.info("training a bundle on %s (cached in %s)", rec_path, bundle)
+            train_bundle(rec, bundle, Config(), seed=0, progress=progress)
+    seconds = rec.n_samples / rec.sampling_rate if seconds is None else min(seconds, rec.n_samples / rec.sampling_rate)
+    with tempfile.TemporaryDirectory() as tmp:
+        events = Path(tmp) / "events.npz"
+        row = end_to_end(rec_path, Path(bundle), transport, chunk_ms, seconds, realtime, events=events)
+        with np.load(events) as f:
+            idx, unit, got = f["sample_index"], f["unit"], f["consumer_latency_ms"]
+    truth = np.load(truth_path)
+    n = int(round(seconds * rec.sampling_rate))
+    # the samples the run saw: the replay's first messages may go out before rtsort's subscription has reached it
+    # (ZeroMQ's slow joiner; counted as the run's missing samples), and spikes of the last 10 ms may not be
+    # complete when the replay stops
+    first = max(0, n - int(row.get("samples", 0)) - int(row.get("gap_samples", 0)))
+    last = n - int(0.01 * rec.sampling_rate)
+    t_keep = (truth["sample_index"] >= first + int(0.01 * rec.sampling_rate)) & (truth["sample_index"] < last)
+    ti, tu = truth["sample_index"][t_keep], truth["unit"][t_keep]
+    keep = (idx >= first + int(0.01 * rec.sampling_rate)) & (idx < last)
+    idx, unit, got = idx[keep], unit[keep], got[keep]
+    by_deadline = []
+    for d in DEADLINES_MS + (np.inf,):
+        ok = got <= d
+        s = sorting_accuracy(idx[ok], unit[ok], ti, tu, rec.sampling_rate)["summary"]
+        by_deadline.append({"within_ms": None if np.isinf(d) else d, "events": float(ok.mean()) if ok.size else 0.0,
+                            "well_detected": s["well_detected"], "n_true_units": s["n_true_units"],
+                            "mean_accuracy": s["mean_accuracy"], "false_positive_units": s["false_positive_units"]})
+    edges = np.arange(0.0, 20.25, 0.25)
+    hist, _ = np.histogram(got[np.isfinite(got)], bins=edges)
+    row.update({"recording": str(recording_dir), "bundle": str(bundle), "transport": transport, "chunk_ms": chunk_ms,
+                "seconds": seconds, "scored_samples": [first, last], "channels": rec.n_channels,
+                "events_scored": int(idx.size),
+                "never_received": int(np.count_nonzero(~np.isfinite(got))),
+                "accuracy_by_deadline": by_deadline,
+                "latency_histogram": {"edges_ms": edges.tolist(), "counts": hist.tolist(),
+                                      "over_20_ms": int(np.count_nonzero(got > edges[-1]))}})
+    return row
+
+
+def accuracy_markdown(rows: list) -> str:
+    lines = ["| transport | events by then | well detected | mean accuracy | false-positive units | deadline |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        for d in r["accuracy_by_deadline"]:
+            when = "any time" if d["within_ms"] is None else f"{d['within_ms']:g} ms"
+            lines.append(f"| {r['transport']} | {d['events']:.3f} | {d['well_detected']}/{d['n_true_units']} | "
+                         f"{d['mean_accuracy']:.3f} | {d['false_positive_units']} | {when} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, r in enumerate(rows):
+        d = [x for x in r["accuracy_by_deadline"] if x["within_ms"] is not None]
+        a1.plot([x["within_ms"] for x in d], [x["mean_accuracy"] for x in d], "o-", color=f"C{i}",
+                label=f"{r['transport']}: mean accuracy")
+        a1.plot([x["within_ms"] for x in d], [x["events"] for x in d], "s--", color=f"C{i}", alpha=0.6,
+                label=f"{r['transport']}: share of events")
+        h = r["latency_histogram"]
+        a2.stairs(h["counts"], h["edges_ms"], label=r["transport"], color=f"C{i}")
+    a1.set_xscale("log")
+    a1.set_xticks(DEADLINES_MS, [f"{d:g}" for d in DEADLINES_MS])
+    a1.minorticks_off()
+    a1.set_xlabel("deadline after the trough (ms)")
+    a1.set_ylim(0, 1.02)
+    a1.set_title("what a closed loop acting by then gets")
+    a1.legend(fontsize=8)
+    a2.set_xlabel("trough to event at the consumer (ms)")
+    a2.set_ylabel("events")
+    a2.set_title("latency")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def in_process(recording: Path, bundle: Path, chunk_ms: float, seconds: float) -> dict:
@@ -375,8 +522,8 @@ def run_bench(bundle: Path | None = None, channels=(384,), sampling_rate: float 
 
 def markdown(report: dict) -> str:
     lines = ["| channels | chunk | transport | compute p50 | p99 | p99.9 | max | x real time | "
-             "trough->event p50 | p99 | of which wait p50 | sent p50 |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "trough->event p50 | p99 | first pass p99 | of which wait p50 | sent p50 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         c = r.get("compute_ms", {})
         e = r.get("trough_to_event_ms", {})
@@ -385,7 +532,8 @@ def markdown(report: dict) -> str:
         f = lambda d, k: f"{d[k]:.3f} ms" if k in d else "-"  # noqa: E731
         x = f"{r['x_real_time']:.1f}" if "x_real_time" in r else "-"
         lines.append(f"| {r['channels']} | {r['chunk_ms']:g} ms | {r['transport']}{rt} | {f(c, 'p50')} | {f(c, 'p99')} | "
-                     f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} | {f(w, 'p50')} | "
+                     f"{f(c, 'p99.9')} | {f(c, 'max')} | {x} | {f(e, 'p50')} | {f(e, 'p99')} | "
+                     f"{f(r.get('first_pass_trough_to_event_ms', {}), 'p99')} | {f(w, 'p50')} | "
                      f"{f(s, 'p50')} |")
     for r in report["results"]:
         if r.get("peeled"):

@@ -493,8 +493,8 @@ def _add_run(sub):
                     "nearest-centroid labels causally, and emit labelled spikes to every sink. Sources: "
                     "file:PATH (a recording; --speed paces it), zmq:tcp://HOST:PORT (connects to a samples "
                     "publisher), lsl:NAME (an LSL stream). Sinks: file:SPIKES.npz (crash-safe log while running), "
-                    "zmq:tcp://127.0.0.1:PORT (binds a PUB socket), lsl:NAME (a Markers outlet [unit, channel] "
-                    "stamped with each trough's LSL time).",
+                    "zmq:tcp://127.0.0.1:PORT (binds a PUB socket), lsl:NAME (a Markers outlet [unit, channel, "
+                    "latency_us, confidence_permille, flags] stamped with each trough's LSL time).",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory")
     p.add_argument("--source", required=True, help="file:PATH, zmq:tcp://HOST:PORT or lsl:NAME; "
@@ -518,6 +518,8 @@ def _add_run(sub):
     p.add_argument("--realtime", action="store_true",
                    help="ask for real-time scheduling (SCHED_FIFO; needs root, CAP_SYS_NICE or an rtprio limit; "
                         "a warning, not an error, when refused)")
+    p.add_argument("--cpu", type=int, metavar="N",
+                   help="pin the sorting loop to CPU N (keep other work off it: taskset, isolcpus)")
     p.add_argument("--watch-bundle", type=Path, metavar="DIR",
                    help="take over a curated bundle written to DIR (rtsort curate ... --out DIR) between two "
                         "chunks, without a restart or a lost sample: every spike from the logged cut sample on "
@@ -573,7 +575,8 @@ def _cmd_run(args) -> int:
         stats = run_stream(args.bundle, args.source, args.sink, args.duration, args.idle_timeout, args.chunk_ms,
                            args.speed, args.threads, stop=stop, resolve_timeout=args.resolve_timeout,
                            max_lag_ms=args.max_lag_ms or None, track_rate=args.track_rate, report=report,
-                           report_every_s=args.stats_every or 60.0, watch_bundle=args.watch_bundle)
+                           report_every_s=args.stats_every or 60.0, watch_bundle=args.watch_bundle,
+                           cpu=args.cpu)
     finally:
         restore()
     c, lat = stats["compute_ms"], stats["trough_to_emit_ms"]
@@ -674,7 +677,13 @@ def _add_bench(sub):
     p.add_argument("--chunk-ms", type=_positive_float, nargs="+", default=[1.0], help="chunk lengths in ms")
     p.add_argument("--transport", nargs="+", default=["inproc"], choices=["inproc", "zmq", "lsl"],
                    help="transports to measure")
-    p.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds of data per configuration")
+    p.add_argument("--seconds", type=_positive_float,
+                   help="seconds of data per configuration (default 10; with --accuracy the whole recording)")
+    p.add_argument("--accuracy", type=Path, metavar="RECORDING_DIR",
+                   help="accuracy against latency: replay this ground-truth recording (a folder with recording.bin "
+                        "and truth.npz, as rtsort simulate writes) at 1x over each --transport (zmq or lsl; zmq if "
+                        "none), sort it live, and score the events that reached this process within 1.5, 2, 3, 5 "
+                        "and 10 ms of their trough. Without --bundle one is trained on the recording (cached)")
     p.add_argument("--json", type=Path, help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: latency percentiles and where the time goes")
     p.add_argument("--realtime", action="store_true",
@@ -690,7 +699,10 @@ def _add_bench(sub):
 def _cmd_bench(args) -> int:
     from .bench import comparison_lines, markdown, plot, run_bench
 
-    report = run_bench(args.bundle, args.channels, args.sampling_rate, args.chunk_ms, args.transport, args.seconds,
+    if args.accuracy is not None:
+        return _bench_accuracy(args)
+    report = run_bench(args.bundle, args.channels, args.sampling_rate, args.chunk_ms, args.transport,
+                       args.seconds or 10.0,
                        progress=not args.quiet, compare=not args.no_compare, headroom_max=args.headroom,
                        realtime=args.realtime)
     m = report["machine"]
@@ -703,6 +715,25 @@ def _cmd_bench(args) -> int:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
         plot(report, args.plot)
+        print(f"plot -> {args.plot}")
+    return 0
+
+
+def _bench_accuracy(args) -> int:
+    from .bench import accuracy_markdown, accuracy_vs_latency, machine_facts, plot_accuracy
+
+    transports = [t for t in args.transport if t != "inproc"] or ["zmq"]
+    rows = [accuracy_vs_latency(args.accuracy, args.bundle, t, args.chunk_ms[0], args.seconds, args.realtime,
+                                progress=not args.quiet) for t in transports]
+    for r in rows:
+        e = r["trough_to_event_ms"]
+        print(f"{r['transport']}: {r['events_scored']} events over {r['seconds']:.0f} s of {r['channels']} channels; "
+              f"trough to event p50 {e.get('p50', float('nan')):.2f} p99 {e.get('p99', float('nan')):.2f} ms")
+    print(accuracy_markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_facts(), "accuracy": rows}, indent=1) + "\n")
+    if args.plot:
+        plot_accuracy(rows, args.plot)
         print(f"plot -> {args.plot}")
     return 0
 

@@ -264,9 +264,16 @@ class AssignConfig:
     # with peel: also run every unit's template over the residual as a matched filter and take the spikes it finds
     # that its template explains (weak spikes the detector's channel-by-channel thresholds missed; rtsort.peel)
     search: bool = True
+    # the template fit's posterior over units (each event's confidence, rtsort.assign) divides the log-likelihoods
+    # by this: filtered noise is correlated over samples and channels and a unit's spikes vary about its template,
+    # so the independent-noise likelihood is over-confident (the least log loss on the tune half,
+    # tools/calibration.py; docs/configuration.md)
+    confidence_temperature: float = 16.0
 
     def __post_init__(self):
         _check_fractions("assign", self, ("track_rate", "track_within"))
+        if not self.confidence_temperature > 0:
+            raise ConfigError(f"assign.confidence_temperature must be > 0, got {self.confidence_temperature}")
         _check_ints("assign", self, ("template_candidates", "template_max_shift"), 0, 64)
         _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)

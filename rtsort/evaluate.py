@@ -237,3 +237,31 @@ def sorting_accuracy(spike_index: np.ndarray, spike_unit: np.ndarray, truth_inde
         "delta_ms": delta_ms,
     }
     return {"summary": summary, "units": units}
+
+
+def right_labels(spikes: np.ndarray, truth_index: np.ndarray, truth_unit: np.ndarray, fs: float,
+                 delta_ms: float = 0.4) -> np.ndarray:
+    """For each spike with a unit (``spikes["unit"] >= 0``, in order): does a true spike of the true unit its
+    sorted unit is matched to (SpikeInterface's comparison, Hungarian matching) lie within ``delta_ms``? The
+    spikes of a sorted unit matched to no true unit are wrong."""
+    import spikeinterface.core as si
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    lab = spikes[spikes["unit"] >= 0]
+    gt = si.NumpySorting.from_samples_and_labels([truth_index.astype(np.int64)], [truth_unit.astype(np.int64)], fs)
+    so = si.NumpySorting.from_samples_and_labels([lab["sample_index"].astype(np.int64)],
+                                                 [lab["unit"].astype(np.int64)], fs)
+    cmp = compare_sorter_to_ground_truth(gt, so, delta_time=delta_ms, exhaustive_gt=True)
+    match = {int(k): int(v) for k, v in cmp.hungarian_match_21.items()}  # sorted unit -> true unit or -1
+    tol = int(round(delta_ms * fs / 1000.0))
+    right = np.zeros(lab.size, bool)
+    for u, g in match.items():
+        if g < 0:
+            continue
+        mine = np.flatnonzero(lab["unit"] == u)
+        far = np.iinfo(np.int64).max // 4
+        times = np.concatenate([[-far], np.sort(truth_index[truth_unit == g]).astype(np.int64), [far]])
+        t = lab["sample_index"][mine].astype(np.int64)
+        j = np.searchsorted(times, t)  # in 1 .. len - 1: the sentinels bound every t
+        right[mine] = np.minimum(times[j] - t, t - times[j - 1]) <= tol
+    return right

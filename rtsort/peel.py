@@ -58,6 +58,7 @@ DUPLICATE_SAMPLES = 1  # a peeled event this close to a first-pass spike ...
 DUPLICATE_UM = 40.0  # ... and this near is what its subtraction left, not a spike
 _NO_EVENTS = np.zeros(0, EVENT_DTYPE)
 _NO_UNITS = np.zeros(0, np.int32)
+_NO_CONF = np.zeros(0, np.float32)
 _PENDING = np.dtype([("start", np.int64), ("unit", np.int32), ("scale", np.float32)])
 REFRACTORY_SAMPLES = 45  # 1.5 ms at 30 kHz: a unit does not fire twice this close (scaled to the sampling rate)
 # the search (samples at 30 kHz, scaled to the sampling rate): a match is the best within SEARCH_PEAK_SAMPLES of
@@ -364,7 +365,8 @@ class Peeler:
 
     def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray,
                 label: bool = True):
-        """Add a filtered chunk and the first pass's spikes it completed; return the peeled spikes' (events, units).
+        """Add a filtered chunk and the first pass's spikes it completed; return the peeled spikes' (events, units,
+        confidences).
 
         ``spikes`` are the first pass's emitted spikes (SPIKE_DTYPE, in emission
         order) and ``xn`` their snippets in noise units; those with a unit are
@@ -394,7 +396,7 @@ class Peeler:
         k = final - self._start
         if k == 0:
             self._open = np.concatenate([self._open, filtered])
-            return _NO_EVENTS, _NO_UNITS
+            return _NO_EVENTS, _NO_UNITS, _NO_CONF
         residual = np.concatenate([self._open, filtered])  # a fresh array: its first k rows are subtracted in place
         self._open = residual[k:].copy()
         residual = residual[:k]
@@ -407,13 +409,13 @@ class Peeler:
         self._start = final
         events = self.detector.process(residual)
         ev, wf, _ = self.snippets.process(residual, first, events)
-        ev, unit = self._label(ev, wf) if label and ev.size else (ev[:0], _NO_UNITS)
+        ev, unit, conf = self._label(ev, wf) if label and ev.size else (ev[:0], _NO_UNITS, _NO_CONF)
         self._remember(ev, unit, _LATER)
         if self.search:
-            mev, munit = self._search(residual, final, label)
+            mev, munit, mconf = self._search(residual, final, label)
             self._remember(mev, munit, _LATER)
             if mev.size:
-                ev, unit = np.concatenate([ev, mev]), np.concatenate([unit, munit])
+                ev, unit, conf = np.concatenate([ev, mev]), np.concatenate([unit, munit]), np.concatenate([conf, mconf])
             self.n_matched += mev.size
         # spikes that no peeled spike or match still to come can sit near are forgotten
         horizon = final - self.snippets.max_wait - self.refractory - 1
@@ -421,7 +423,7 @@ class Peeler:
             horizon = min(horizon, self._d_next + self.nbefore - self.refractory - 1)
         self._recent = self._recent[self._recent[:, 0] >= horizon]
         self.n_peeled += ev.size
-        return ev, unit
+        return ev, unit, conf
 
     def _remember(self, ev: np.ndarray, unit, source: int) -> None:
         """Events (spikes or tails; ``unit`` per event, or one for all) become known to the rules: ``source``
@@ -436,7 +438,7 @@ class Peeler:
 
     def _search(self, residual: np.ndarray, final: int, label: bool):
         """Run the searched units' templates over the residual up to ``final``; return the matches decided
-        (events, units).
+        (events, units, confidences: each against noise alone, :meth:`TemplateMatcher.match`).
 
         Window starts are decided in stream order, ``_search_lag`` samples
         behind ``final``, so every chunking decides the same matches.
@@ -464,7 +466,7 @@ class Peeler:
         d_hi = final - self._search_lag
         self._hist = _last_rows(hist, residual, final - max(d_lo, d_hi))
         if d_hi <= d_lo:
-            return _NO_EVENTS, _NO_UNITS
+            return _NO_EVENTS, _NO_UNITS, _NO_CONF
         self._d_next = d_hi
         n_u = self._z.shape[0]
         n = 0
@@ -481,11 +483,11 @@ class Peeler:
             self._z = self._z[:, cut:]  # a view: the next call's concatenation copies it
             self._z_start += cut
         if n == 0:
-            return _NO_EVENTS, _NO_UNITS
+            return _NO_EVENTS, _NO_UNITS, _NO_CONF
         ok = (scale >= self.matcher.min_scale) & (scale <= AMPLITUDE_RANGE[1])
         t, u, scale = t[ok], u[ok], scale[ok]
         if t.size == 0:
-            return _NO_EVENTS, _NO_UNITS
+            return _NO_EVENTS, _NO_UNITS, _NO_CONF
         samples = t + self.nbefore
         channels = self._peak[u]
         u = self._search_units[u]  # the searched units' numbers
@@ -496,7 +498,8 @@ class Peeler:
         wf = src[(t - d_lo - lo)[:, None, None] + np.arange(t_len)[None, :, None], cix[:, None, :]]
         xn = (wf * self._inv_noise[cix][:, None, :]).astype(np.float32)
         fit = np.zeros(t.size, np.int32)
-        self.matcher.match(xn, channels, u[:, None].astype(np.int32), fit, gates=False)
+        conf = np.empty(t.size, np.float32)
+        self.matcher.match(xn, channels, u[:, None].astype(np.int32), fit, gates=False, confidence=conf)
         r = self._recent[np.argsort(self._recent[:, 0], kind="stable")]
         keep = fit >= 0
         # a known event in the same place (a tail, what a subtraction left) or its own unit's spike rules it out
@@ -508,20 +511,21 @@ class Peeler:
         ev["channel"] = channels[keep]
         ev["amplitude"] = scale[keep] * self.templates_uv[u[keep], self.nbefore, channels[keep]]
         ev["kind"] = MATCH
-        return ev, u[keep].astype(np.int32)
+        return ev, u[keep].astype(np.int32), conf[keep]
 
     def _label(self, ev: np.ndarray, wf: np.ndarray):
         """The second pass's events that are spikes: deep slopes a template claims that are no first-pass spike's."""
         deep = self.front.spike_mask(ev)  # the first pass's rule for a spike (its detector found deep slopes)
         ev, wf = ev[deep], wf[deep]
         if ev.size == 0:
-            return ev, np.zeros(0, np.int32)
+            return ev, _NO_UNITS, _NO_CONF
         channels = ev["channel"].astype(np.int64)
         xn = normalize_waveforms(wf, channels, self.matcher.channel_index, self.noise[1])
         unit = np.zeros(ev.size, np.int32)
-        self.matcher.match(xn, channels, self.matcher.near_units[channels], unit)
+        conf = np.empty(ev.size, np.float32)
+        self.matcher.match(xn, channels, self.matcher.near_units[channels], unit, confidence=conf)
         keep = (unit >= 0) & self._new(ev["sample_index"].astype(np.int64), channels, unit)
-        return ev[keep], unit[keep]
+        return ev[keep], unit[keep], conf[keep]
 
     def _new(self, samples: np.ndarray, channels: np.ndarray, units: np.ndarray) -> np.ndarray:
         """Not what a first-pass spike's subtraction left, and not within its own unit's refractory period.

@@ -13,6 +13,7 @@ invariance makes its spikes and labels the same as a live stream's.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -22,16 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from .assign import LatePhase, make_assigner
+from .assign import LatePhase, make_assigner, unit_purity
 from .bundle import Bundle, load_bundle
 from .dsp import HEALTH_STRIDE_S, noisy_channels
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .features import Encoder, Featurizer
 from .frontend import FrontEnd, filtered_chunks
 from .motion import MotionTracker, motion_enabled
 from .peel import Peeler
 from .stats import Distribution
-from .types import SPIKE_DTYPE, TAIL
+from .types import FLAG_PEELED, FLAG_UNENCODED, SPIKE_DTYPE, TAIL
 
 log = logging.getLogger("rtsort.pipeline")
 
@@ -40,13 +41,15 @@ _NO_SPIKES = np.zeros(0, dtype=SPIKE_DTYPE)
 _NO_SPIKES.flags.writeable = False  # shared by every chunk without spikes
 
 
-def labelled(events: np.ndarray, unit: np.ndarray, distance: np.ndarray) -> np.ndarray:
+def labelled(events: np.ndarray, unit: np.ndarray, distance, confidence=np.nan, flags: int = 0) -> np.ndarray:
     out = np.empty(events.size, dtype=SPIKE_DTYPE)
     out["sample_index"] = events["sample_index"]
     out["channel"] = events["channel"]
     out["amplitude"] = events["amplitude"]
     out["unit"] = unit
     out["distance"] = distance
+    out["confidence"] = confidence
+    out["flags"] = flags
     return out
 
 
@@ -137,6 +140,9 @@ class Pipeline:
             if b.config.assign.peel and self.assigner.matcher is not None else None
         self.late_phase = late_phase(self.front, b.templates, int(b.features["n_before"]),
                                      b.config.assign.late_phase_residual > 0)
+        # a label's confidence: the template posterior (rtsort.assign) times the unit's purity; index -1 (no
+        # unit, NaN confidence) reads the appended 1
+        self.purity = np.append(unit_purity(b.units), np.float32(1.0))
         self.n_spikes = 0
         self.n_unassigned = 0
         self.n_skipped = 0  # detected but not encoded (overload)
@@ -213,13 +219,14 @@ class Pipeline:
         elif not encode:  # candidates need a template to be spikes: only the deep events leave
             ev = ev[self.front.spike_mask(ev)]
             self.n_skipped += ev.size
-            spikes = labelled(ev, np.full(ev.size, -1, np.int32), np.full(ev.size, np.nan, np.float32))
+            spikes = labelled(ev, np.full(ev.size, -1, np.int32), np.nan, np.nan, FLAG_UNENCODED)
         else:
             deep = self.front.spike_mask(ev)
             features, xn = self.featurizer.encode(out.waveforms, ev["channel"], deep)
             t3 = time.perf_counter_ns()
             residual = np.empty(ev.size, np.float64)
-            unit, dist = self.assigner.label(features, xn, ev["channel"], deep, residual)
+            conf = np.empty(ev.size, np.float32)
+            unit, dist = self.assigner.label(features, xn, ev["channel"], deep, residual, conf)
             keep = spikes_kept(deep, unit)
             late = self.late_phase(ev, unit, keep, deep)
             if not keep.all() or not deep.all() or late.any():
@@ -230,10 +237,10 @@ class Pipeline:
                 self.n_candidates_dropped += int(np.count_nonzero(~deep & ~late)) - n_claimed
                 self.n_tails += int(np.count_nonzero(tail))
                 tails = ev[tail]
-                ev, unit, dist, xn = ev[keep], unit[keep], dist[keep], xn[keep]
+                ev, unit, dist, xn, conf = ev[keep], unit[keep], dist[keep], xn[keep], conf[keep]
             st[3] = t3 - t2
             st[4] = time.perf_counter_ns() - t3
-            spikes = labelled(ev, unit, dist) if ev.size else _NO_SPIKES
+            spikes = labelled(ev, unit, dist, conf * self.purity[unit]) if ev.size else _NO_SPIKES
         return out.filtered, spikes, xn, tails
 
     def peel(self, filtered: np.ndarray, spikes: np.ndarray, xn, tails: np.ndarray,
@@ -248,9 +255,9 @@ class Pipeline:
         self.last_peeled = 0
         if self.peeler is not None:  # fed every chunk: the residual stream must stay whole
             t5 = time.perf_counter_ns()
-            pev, punit = self.peeler.process(filtered, spikes, xn, tails, label=encode)
+            pev, punit, pconf = self.peeler.process(filtered, spikes, xn, tails, label=encode)
             if pev.size:  # at the end of the chunk's spikes, a little later than the others
-                spikes = np.concatenate([spikes, labelled(pev, punit, np.full(pev.size, np.nan, np.float32))])
+                spikes = np.concatenate([spikes, labelled(pev, punit, np.nan, pconf * self.purity[punit], FLAG_PEELED)])
                 self.last_peeled = pev.size
             st[5] = time.perf_counter_ns() - t5
         self.n_spikes += spikes.size
@@ -307,6 +314,24 @@ def raise_priority(priority: int = 10) -> bool:
         log.warning("real-time scheduling refused (%s); running at normal priority. Grant it with "
                     "'setcap cap_sys_nice+ep' on the interpreter or an rtprio limit in limits.conf", exc)
         return False
+
+
+def pin_to_cpu(cpu: int, now: bool = True) -> None:
+    """Run the calling thread on CPU ``cpu`` alone (Linux): the scheduler never moves the hot loop, so its caches
+    stay warm, and other work can be kept off that core (``taskset``, ``isolcpus``). Threads started afterwards by
+    this one inherit the pin. ``now=False`` only checks that the CPU is one this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu not in allowed:
+        raise ConfigError(f"--cpu {cpu}: this process may run on CPUs {allowed} only")
+    if now:
+        os.sched_setaffinity(0, {cpu})  # pid 0: the calling thread
+        log.info("hot loop pinned to CPU %d", cpu)
+
+
+#: a live run keeps Python's garbage collector out of the hot loop: objects made before the first chunk are frozen
+#: (never scanned again), automatic collection is off, and the young generations are collected every GC_EVERY_S
+#: of samples right after a chunk's spikes have left (the whole heap at each stats report)
+GC_EVERY_S = 1.0
 
 
 class SignalHealth:
@@ -404,7 +429,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                chunk_ms: float = 1.0, speed: float | None = None, threads: int = 1, stop=None,
                resolve_timeout: float = 5.0, max_lag_ms: float | None = 50.0,
                track_rate: float | None = None, report=None, report_every_s: float = 60.0,
-               watch_bundle=None) -> dict:
+               watch_bundle=None, cpu: int | None = None) -> dict:
     """Sort a stream until it ends, ``duration`` seconds of samples, ``idle_timeout`` without data, or ``stop``.
 
     Overload policy: when a live chunk arrives more than ``max_lag_ms`` after
@@ -429,12 +454,17 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     called with the statistics so far every ``report_every_s`` seconds.
     ``watch_bundle``, a directory: a bundle written there (``rtsort curate
     --out``) takes over between two chunks, every spike from a cut sample on
-    labelled by it (``rtsort.swap``; ``swaps`` in the statistics).
+    labelled by it (``rtsort.swap``; ``swaps`` in the statistics). ``cpu``:
+    pin the loop's thread to that CPU (:func:`pin_to_cpu`). The garbage
+    collector stays out of the loop (:data:`GC_EVERY_S`; ``gc_ms`` in the
+    statistics).
     """
     from .streams import FileSource, open_sink, open_source
     from .streams.replay import now
     from .swap import BundleWatcher, SwappingSorter, differences
 
+    if cpu is not None:
+        pin_to_cpu(cpu, now=False)  # a bad CPU fails before anything is opened
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pipe = Pipeline(bundle, 1.0, 0.0, threads, track_rate)  # compiled and warm before the source starts buffering
     pipe.warmup()
@@ -460,7 +490,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     watcher = None if watch_bundle is None else BundleWatcher(
         watch_bundle, build, lambda new_bundle: differences(sorter.bundle, new_bundle))
     # constant memory over hours of a live run; peeled spikes (collisions, matches) wait for the residual: apart
-    compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait = (Distribution() for _ in range(7))
+    compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait, gc_s = (Distribution() for _ in range(8))
     stages = [Distribution() for _ in STAGES]
     counts = {"chunks": 0, "samples": 0, "late_chunks": 0, "gaps": 0, "gap_samples": 0}
     health = SignalHealth(bundle.noise_levels[1], fs, 32767.0 * bundle.gain_to_uV)
@@ -490,6 +520,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 "compute_ms": compute.percentiles(1000.0),
                 "stage_ms": {name: d.percentiles(1000.0) for name, d in zip(STAGES, stages)},
                 "sink_ms": sink_ns.percentiles(1000.0),
+                "gc_ms": gc_s.percentiles(1000.0),
                 "wait_ms": wait.percentiles(1000.0),
                 "arrival_ms": arrival.percentiles(1000.0),
                 "trough_to_emit_ms": latency.percentiles(1000.0),  # non-finite values (no timestamps) are left out
@@ -499,11 +530,20 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     expected = None
     last_data = time.monotonic()
     next_report = time.monotonic() + report_every_s
+    gc_every = max(1, int(GC_EVERY_S * fs))
+    next_gc = gc_every
+    if cpu is not None:
+        pin_to_cpu(cpu)
+    gc_was_on = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     try:
         while stop is None or not stop.is_set():
             if report is not None and time.monotonic() >= next_report:  # while data flows and while it does not
                 next_report = time.monotonic() + report_every_s
                 report(snapshot())
+                gc.collect()
             chunk = src.read()
             if chunk is None:
                 if isinstance(src, FileSource):
@@ -546,11 +586,13 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             if spikes.size:
                 ts = (chunk.timestamp if chunk.timestamp is not None else np.nan) + \
                     (spikes["sample_index"] - chunk.first_sample) / fs
+                late = now() - ts  # trough to emission, on the source's clock (NaN: no timestamps)
+                late_ms = (late * 1000.0).astype(np.float32) if live else np.full(spikes.size, np.nan, np.float32)
                 for name, sink in zip(names, outs):
                     if name in failed:
                         continue
                     try:
-                        sink.write(spikes, ts)
+                        sink.write(spikes, ts, late_ms)
                     except Exception as exc:  # one sink's failure must not stop the others
                         failed.add(name)
                         sink_errors[name] = f"{type(exc).__name__}: {exc}"
@@ -559,7 +601,6 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                         sink_errors[name] = sink.error
                 k = spikes.size - sorter.last_peeled
                 if live:
-                    late = now() - ts
                     latency.add(late[:k])
                     peeled_latency.add(late[k:])
                 waits = (last - spikes["sample_index"]) / fs
@@ -574,11 +615,19 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
                 d.add_one(ns * 1e-9)
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
+            if counts["samples"] >= next_gc:
+                next_gc = counts["samples"] + gc_every
+                t2 = time.perf_counter()
+                gc.collect(1)
+                gc_s.add_one(time.perf_counter() - t2)
             if duration is not None and counts["samples"] >= duration * fs:
                 break
     except KeyboardInterrupt:
         log.warning("interrupted: closing the sinks")
     finally:
+        gc.unfreeze()
+        if gc_was_on:
+            gc.enable()
         for name, sink in zip(names, outs):
             try:
                 sink.close()

@@ -108,9 +108,9 @@ class BundleWatcher:
                 why = self.accepts(bundle)
                 if why:
                     self.seen = digest
-                    self.refused += 1
                     log.error("%s: not swapped in, it does not share the running bundle's front end: %s; the run "
                               "goes on with its bundle", self.path, "; ".join(why))
+                    self.refused += 1  # after the log: a reader that sees the count finds the reason logged
                     continue
                 pipe = self.build(bundle)
             except RtsortError as exc:  # half written (checksums), or not a bundle: again at the next look

@@ -22,9 +22,16 @@ SLOPE, TROUGH, MATCH = 0, 1, 2
 TAIL = -2
 
 
-# a labelled spike: the spikes contract's fields plus the distance to the nearest centroid
+# a labelled spike: the spikes contract's fields, the distance to the nearest centroid, ``confidence`` (the posterior
+# probability of its unit under the template fit: rtsort.assign; NaN where no template fit chose it) and ``flags``
 SPIKE_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"), ("amplitude", "<f4"),
-                        ("distance", "<f4")])
+                        ("distance", "<f4"), ("confidence", "<f4"), ("flags", "u1")])
+#: ``flags`` bits. PEELED: found by a later pass over the residual (a collision partner, a template match,
+#: rtsort.peel); it leaves after its chunk's other spikes, with the chunk that made the residual final.
+#: UNENCODED: its chunk arrived past the overload bound, so it leaves detected but unlabelled (-1).
+#: CORRECTION: a new label for a spike emitted before; no stage of the runtime relabels an emitted spike today,
+#: so none is sent, but consumers should treat such an event as replacing the earlier one.
+FLAG_PEELED, FLAG_UNENCODED, FLAG_CORRECTION = 1, 2, 4
 
 
 def empty_events(n: int = 0) -> np.ndarray:

@@ -588,8 +588,8 @@ def test_search_finds_spikes_under_the_detector_thresholds(small_sim):
                                   ("amplitude", "<f4"), ("distance", "<f4")])
         events = [f.process_filtered(data[i : i + chunk]).events for i in range(0, data.shape[0], chunk)]
         found = [peeler.process(data[i : i + chunk], none, None, none) for i in range(0, data.shape[0], chunk)]
-        ev = np.concatenate([e for e, _ in found])
-        return np.concatenate(events), ev, np.concatenate([u for _, u in found]), peeler
+        ev = np.concatenate([e for e, _, _ in found])
+        return np.concatenate(events), ev, np.concatenate([u for _, u, _ in found]), peeler
 
     events, _, _, _ = run(False, x, 3000)
     deep = events[front.spike_mask(events)]  # the detector's spikes (its shallower events are noise crossings)

@@ -256,7 +256,7 @@ def test_kill_9_mid_stream_loses_nothing_emitted_and_recover_writes_the_spikes_f
     assert run.proc.returncode == -signal.SIGKILL
     log_file = tmp_path / "spikes.npz.log"
     assert log_file.exists() and not out.exists()
-    logged, fs, _ = read_spike_log(log_file)
+    logged, fs, _, _ = read_spike_log(log_file)
     assert fs == FS
     ref = reference(bundle, rec, 0, rec.n_samples)
     emitted = run.consumer.spikes
@@ -650,7 +650,7 @@ def test_file_sink_on_a_full_disk_reports_and_the_other_sinks_go_on(live, tmp_pa
         rc, _, err, st = run.finish()
         got_zmq = run.consumer.spikes
         log_file = disk / "spikes.npz.log"
-        logged, _, _ = read_spike_log(log_file)
+        logged, _, _, _ = read_spike_log(log_file)
         figures("disk full", sink_errors=st["sink_errors"], dropped_by_sinks=st["dropped_by_sinks"],
                 spikes=st["spikes"], in_log=logged.size, over_zmq=got_zmq.size, stderr=err.strip())
         assert rc == 1

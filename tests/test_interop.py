@@ -24,6 +24,7 @@ import zmq
 
 from rtsort.errors import BundleError
 from rtsort.pipeline import run_stream, sort_recording
+from rtsort.streams.lsl import MARKER_CHANNELS
 from rtsort.streams.openephys import OpenEphysSource
 
 
@@ -443,9 +444,10 @@ def test_lsl_string_markers(small_sim, trained):
     assert len(units) > 50 and got == units and all(isinstance(g, str) for g in got)
     np.testing.assert_allclose(stamps, times, rtol=0, atol=1e-6)  # the trough's time on the LSL clock
     np.testing.assert_allclose(times, t0 + np.concatenate([s["sample_index"] for s, _ in sent]) / fs, atol=1e-6)
-    numeric = open_sink(f"lsl:{name}-numeric", rec.sampling_rate)  # the default stays [unit, channel] int32
+    numeric = open_sink(f"lsl:{name}-numeric", rec.sampling_rate)  # the default: [unit, channel, ...] int32
     i = numeric.outlet.get_info()
-    assert (i.channel_count(), i.channel_format()) == (2, pylsl.cf_int32)
+    assert (i.channel_count(), i.channel_format()) == (len(MARKER_CHANNELS), pylsl.cf_int32)
+    assert MARKER_CHANNELS[:2] == ("unit", "peak_channel")
     numeric.close()
 
 

@@ -15,8 +15,10 @@ import zmq
 
 from rtsort.pipeline import Pipeline, run_stream, sort_recording
 from rtsort.streams.files import SpikeFileSink, read_spike_log, recover_spike_file
+from rtsort.streams.lsl import MARKER_CHANNELS
 from rtsort.streams.replay import replay
 from rtsort.streams.zmq import ZmqSource, decode_spikes, samples_message
+from rtsort.types import FLAG_PEELED
 
 
 def free_port() -> int:
@@ -104,7 +106,7 @@ def test_spike_file_survives_kill_9(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert res.returncode == -signal.SIGKILL
     assert not path.exists() and (tmp_path / "spikes.npz.log").exists()
-    spikes, fs, ts = read_spike_log(tmp_path / "spikes.npz.log")
+    spikes, fs, ts, _ = read_spike_log(tmp_path / "spikes.npz.log")
     assert spikes.size == 1000 and fs == 30000.0
     np.testing.assert_array_equal(spikes["sample_index"], np.arange(1000))
     # a torn last record is dropped, the rest recovered into the spikes contract
@@ -187,17 +189,24 @@ def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
                               stderr=subprocess.PIPE, text=True)
     info = pylsl.resolve_byprop("name", markers, timeout=20)
     assert info, "the marker outlet did not appear"
-    inlet = pylsl.StreamInlet(info[0], processing_flags=pylsl.proc_clocksync)
+    inlet = pylsl.StreamInlet(info[0])  # one host, one clock: the stamps arrive as sent
     inlet.open_stream(timeout=5)
-    got, lat = [], []
+    layout = inlet.info(timeout=5).desc().child("channels")
+    labels, ch = [], layout.first_child()
+    while not ch.empty():
+        labels.append(ch.child_value("label"))
+        ch = ch.next_sibling()
+    got, lat, stamps = [], [], []
     while runner.is_alive():
         x, ts = inlet.pull_chunk(timeout=0.2, as_numpy=True, min_samples=1)
         if len(ts):
             got.append(x)
+            stamps.append(ts)
             lat.extend(pylsl.local_clock() - ts)
     x, ts = inlet.pull_chunk(timeout=0.5, as_numpy=True)
     if len(ts):
         got.append(x)
+        stamps.append(ts)
     inlet.close_stream()
     stdout, stderr = sender.communicate(timeout=60)
     assert sender.returncode == 0, stderr
@@ -205,12 +214,31 @@ def test_lsl_replay_run_markers_match_sort(small_sim, trained, tmp_path):
     live = np.load(out)
     assert result["samples"] == rec.n_samples and result["gaps"] == 0
     assert 0 < result["arrival_ms"]["p50"] < 500 and result["arrival_ms"]["max"] >= result["arrival_ms"]["p50"]
-    for k in ("sample_index", "channel", "unit"):
+    for k in ("sample_index", "channel", "unit", "flags"):
         np.testing.assert_array_equal(ref[_key(ref)][k], live[k][_key(live)])
+    np.testing.assert_array_equal(ref[_key(ref)]["confidence"], live["confidence"][_key(live)])  # NaN = NaN
+    # the live file: in trough order, every spike with its own latency and, when labelled, a confidence
+    assert np.all(np.diff(live["sample_index"]) >= 0)
+    assert np.all(live["latency_ms"] > 0) and np.all(live["latency_ms"] < 2000)
+    labelled = live["unit"] >= 0
+    assert np.all((live["confidence"][labelled] > 0) & (live["confidence"][labelled] <= 1))
+    assert np.count_nonzero(live["flags"] & FLAG_PEELED) == result["peeled"] > 0
     marks = np.concatenate(got)
-    assert marks.shape[1] == 2 and marks.dtype == np.int32
+    assert labels == list(MARKER_CHANNELS) and marks.shape[1] == len(labels) and marks.dtype == np.int32
     assert marks.shape[0] >= 0.95 * ref.size  # the consumer joined a little after the start
     assert np.median(lat) < 0.5  # seconds; the benchmark measures it properly
+    # the markers carry the file's fields: matched by trough time, where one spike alone has it
+    stamps = np.concatenate(stamps)
+    times, first, count = np.unique(live["timestamp"], return_index=True, return_counts=True)
+    j = np.clip(np.searchsorted(times, stamps), 0, times.size - 1)
+    alone = (times[j] == stamps) & (count[j] == 1)
+    assert alone.mean() > 0.9
+    m, rows = marks[alone], first[j[alone]]
+    np.testing.assert_array_equal(m[:, 0], live["unit"][rows])
+    np.testing.assert_array_equal(m[:, 4], live["flags"][rows])
+    conf = live["confidence"][rows]
+    np.testing.assert_array_equal(m[:, 3], np.where(np.isfinite(conf), np.round(np.nan_to_num(conf) * 1000), -1))
+    assert np.all(np.abs(m[:, 2] - live["latency_ms"][rows] * 1000) <= 1)
 
 
 @pytest.mark.lsl

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The development corpus: 16 ground-truth recordings with a fixed tune / report split.
 
-Tune on the ``tune`` half, publish numbers on the ``report`` half (issue 18:
-accuracy that generalises). Every recording is generated with SpikeInterface's
+Tune on the ``tune`` half, publish numbers on the ``report`` half, so that
+accuracy is shown on recordings no choice was made on. Every recording is generated with SpikeInterface's
 building blocks (``generate_sorting``, ``generate_unit_locations``,
 ``generate_templates``, ``generate_drifting_recording`` with a displacement
 we compute here) and written exactly as ``rtsort simulate`` writes its output

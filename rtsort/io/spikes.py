@@ -42,6 +42,7 @@ def load_spikes(path: str | Path) -> tuple[np.ndarray, float]:
         raise RecordingError(f"{path}: not a readable .npz spikes file ({exc})") from None
     n = data["sample_index"].shape[0]
     spikes = np.zeros(n, dtype=SPIKE_DTYPE)
+    spikes["confidence"] = np.nan  # a file written without confidences
     for name in SPIKE_DTYPE.names:
         if name in data:
             if data[name].shape != (n,):

@@ -72,9 +72,10 @@ def open_source(uri: str, n_channels: int, sampling_rate: float, chunk_ms: float
                             "lsl:NAME")
 
 
-# the wire format's four fields first, then more
+# the wire format's four fields first, then more: latency_ms (emission minus trough, on the source clock; NaN
+# without timestamps), confidence and flags (rtsort.types.SPIKE_DTYPE)
 WIRE_SPIKE_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"), ("timestamp", "<f8"),
-                             ("amplitude", "<f4")])
+                             ("amplitude", "<f4"), ("latency_ms", "<f4"), ("confidence", "<f4"), ("flags", "u1")])
 
 
 def _env_int(name: str, default: int, low: int) -> int:
@@ -116,11 +117,12 @@ class ZmqSpikeSink:
     def dropped(self) -> int:
         return self.pub.dropped
 
-    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray, latency_ms: np.ndarray | None = None) -> None:
         out = np.empty(spikes.size, WIRE_SPIKE_DTYPE)
-        for name in ("sample_index", "unit", "channel", "amplitude"):
+        for name in ("sample_index", "unit", "channel", "amplitude", "confidence", "flags"):
             out[name] = spikes[name]
         out["timestamp"] = timestamps
+        out["latency_ms"] = np.nan if latency_ms is None else latency_ms
         self.pub.send(self._message(out, seq=self.seq))
         self.seq += 1
 
@@ -129,7 +131,8 @@ class ZmqSpikeSink:
 
 
 class CallbackSink:
-    """Calls ``fn(spikes, timestamps)`` on its own thread; a slow callback loses batches (counted), never time."""
+    """Calls ``fn(spikes, timestamps)`` on its own thread; a slow callback loses batches (counted), never time.
+    ``spikes`` holds SPIKE_DTYPE's fields and ``latency_ms``."""
 
     def __init__(self, fn, max_batches: int = 1000):
         self.fn = fn
@@ -148,7 +151,9 @@ class CallbackSink:
             except Exception:  # a user's callback must not stop the runtime
                 logging.getLogger("rtsort.streams").exception("spike callback raised; continuing")
 
-    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray, latency_ms: np.ndarray | None = None) -> None:
+        if latency_ms is not None:
+            spikes = _with_latency(spikes, latency_ms)
         try:
             self._q.put_nowait((spikes, timestamps))
         except queue.Full:
@@ -157,6 +162,14 @@ class CallbackSink:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(5)
+
+
+def _with_latency(spikes: np.ndarray, latency_ms: np.ndarray) -> np.ndarray:
+    out = np.empty(spikes.size, np.dtype(spikes.dtype.descr + [("latency_ms", "<f4")]))
+    for name in spikes.dtype.names:
+        out[name] = spikes[name]
+    out["latency_ms"] = latency_ms
+    return out
 
 
 def open_sink(uri, sampling_rate: float):

@@ -30,15 +30,16 @@ log = logging.getLogger("rtsort.streams.files")
 LOG_MAGIC = "rtsort-spike-log"
 # one fixed-size little-endian record per spike, after a one-line JSON header
 RECORD_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<i4"), ("amplitude", "<f4"),
-                         ("distance", "<f4"), ("timestamp", "<f8")])
+                         ("distance", "<f4"), ("timestamp", "<f8"), ("confidence", "<f4"), ("flags", "u1"),
+                         ("latency_ms", "<f4")])
 
 
 def log_path(path: Path) -> Path:
     return path.with_name(path.name + ".log")
 
 
-def read_spike_log(path: str | Path) -> tuple[np.ndarray, float, np.ndarray]:
-    """(spikes, sampling_rate, timestamps) from a spike log; a torn last record is ignored.
+def read_spike_log(path: str | Path) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """(spikes, sampling_rate, timestamps, latencies in ms) from a spike log; a torn last record is ignored.
 
     The log is a JSON header line followed by raw ``RECORD_DTYPE`` records, so
     any tool can follow it while it grows: ``np.fromfile(f, dtype, offset=len(header))``.
@@ -59,26 +60,33 @@ def read_spike_log(path: str | Path) -> tuple[np.ndarray, float, np.ndarray]:
         fs = float(header["sampling_rate"])
     except (KeyError, TypeError, ValueError):
         raise RecordingError(f"{path}: the spike log's header has no valid sampling_rate") from None
+    try:  # the header names the records' fields (a log of an older rtsort holds fewer)
+        dtype = np.dtype([tuple(f) for f in header.get("fields", RECORD_DTYPE.descr)])
+    except (TypeError, ValueError):
+        raise RecordingError(f"{path}: the spike log's header has no valid fields") from None
     body = data[end + 1:]
-    n = len(body) // RECORD_DTYPE.itemsize  # the record being written when the process died is dropped
-    rec = np.frombuffer(body, dtype=RECORD_DTYPE, count=n)
+    n = len(body) // dtype.itemsize  # the record being written when the process died is dropped
+    rec = np.frombuffer(body, dtype=dtype, count=n)
     spikes = np.zeros(n, SPIKE_DTYPE)
+    spikes["confidence"] = np.nan
     for name in SPIKE_DTYPE.names:
-        spikes[name] = rec[name]
-    return spikes, fs, rec["timestamp"].copy()
+        if name in dtype.names:
+            spikes[name] = rec[name]
+    latency = rec["latency_ms"].astype(np.float32) if "latency_ms" in dtype.names else np.full(n, np.nan, np.float32)
+    return spikes, fs, rec["timestamp"].copy(), latency
 
 
-def _in_trough_order(spikes: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _in_trough_order(spikes: np.ndarray, *per_spike: np.ndarray) -> tuple[np.ndarray, ...]:
     """A live run's spikes leave nearly in trough order (peeled ones a little later): the file is in trough order."""
     order = np.lexsort((spikes["channel"], spikes["sample_index"]))
-    return spikes[order], ts[order]
+    return (spikes[order],) + tuple(a[order] for a in per_spike)
 
 
 def recover_spike_file(log_file: str | Path, out: str | Path) -> Path:
     """Write the spikes contract ``out`` (in trough order) from a crashed run's log; return ``out``."""
-    spikes, fs, ts = read_spike_log(log_file)
-    spikes, ts = _in_trough_order(spikes, ts)
-    save_spikes(out, spikes, fs, timestamp=ts)
+    spikes, fs, ts, lat = read_spike_log(log_file)
+    spikes, ts, lat = _in_trough_order(spikes, ts, lat)
+    save_spikes(out, spikes, fs, timestamp=ts, latency_ms=lat)
     log.warning("recovered %d spikes from %s into %s", spikes.size, log_file, out)
     return Path(out)
 
@@ -116,7 +124,8 @@ class SpikeFileSink:
         while view.nbytes:  # an unbuffered write may take part of the bytes (a disk filling up)
             view = view[self._fh.write(view):]
 
-    def write(self, spikes: np.ndarray, timestamps: np.ndarray | None = None) -> None:
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray | None = None,
+              latency_ms: np.ndarray | None = None) -> None:
         """Append a batch (unbuffered writes: in the OS's hands at return, so it survives a kill -9).
 
         A failed write (OSError: no space, a file size limit) is counted in
@@ -129,6 +138,7 @@ class SpikeFileSink:
         for name in SPIKE_DTYPE.names:
             rec[name] = spikes[name]
         rec["timestamp"] = np.nan if timestamps is None else timestamps
+        rec["latency_ms"] = np.nan if latency_ms is None else latency_ms
         try:
             self._write_all(rec.tobytes())
         except OSError as exc:
@@ -150,10 +160,10 @@ class SpikeFileSink:
         if self._fh.closed:
             return self.path
         self._fh.close()
-        spikes, fs, ts = read_spike_log(self.log)
-        spikes, ts = _in_trough_order(spikes, ts)
+        spikes, fs, ts, lat = read_spike_log(self.log)
+        spikes, ts, lat = _in_trough_order(spikes, ts, lat)
         try:
-            save_spikes(self.path, spikes, fs, timestamp=ts)
+            save_spikes(self.path, spikes, fs, timestamp=ts, latency_ms=lat)
         except OSError as exc:  # the log stays: nothing written is lost
             self.path.with_name(self.path.name + ".tmp.npz").unlink(missing_ok=True)
             raise RecordingError(f"{self.path}: not written ({exc.strerror or exc}); its {spikes.size} spikes stay in "

@@ -6,9 +6,12 @@ Float streams are taken as microvolts; integer streams are scaled by the
 bundle's training gain. Sample indices count from the first sample received;
 a stream that vanishes is waited for (the inlet recovers by itself) and the
 samples missed while it was gone, from the LSL timestamps, are reported as a
-gap. Output: an irregular-rate ``Markers`` outlet, two int32 channels
-``[unit, peak_channel]``, one sample per spike, stamped with the LSL time of
-the spike's trough, so a consumer measures latency as ``local_clock() - t``.
+gap. Output: an irregular-rate ``Markers`` outlet of int32 channels
+``[unit, peak_channel, latency_us, confidence_permille, flags]`` (:data:`MARKER_CHANNELS`), one sample per spike,
+stamped with the LSL time of the spike's trough, so a consumer measures
+latency as ``local_clock() - t``; ``latency_us`` is rtsort's own (trough to
+emission), ``confidence_permille`` the label's confidence x 1000 (-1: none)
+and ``flags`` the bits of ``rtsort.types`` (1 peeled, 2 unencoded, 4 correction).
 ``lsl:NAME?format=string`` gives a 1-channel ``cf_string`` Markers outlet
 instead, the unit id as text (:class:`LslStringMarkerSink`).
 """
@@ -105,17 +108,30 @@ class LslSource:
         del self.inlet
 
 
+MARKER_CHANNELS = ("unit", "peak_channel", "latency_us", "confidence_permille", "flags")
+
+
 class LslMarkerSink:
     def __init__(self, name: str):
         import pylsl
 
-        info = pylsl.StreamInfo(name, "Markers", 2, pylsl.IRREGULAR_RATE, pylsl.cf_int32, f"rtsort-markers-{name}")
+        info = pylsl.StreamInfo(name, "Markers", len(MARKER_CHANNELS), pylsl.IRREGULAR_RATE, pylsl.cf_int32,
+                                f"rtsort-markers-{name}")
+        info.desc().append_child_value("producer", "rtsort")
+        chans = info.desc().append_child("channels")
+        for label in MARKER_CHANNELS:
+            chans.append_child("channel").append_child_value("label", label)
         self.outlet = pylsl.StreamOutlet(info)
 
-    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
-        x = np.empty((spikes.size, 2), dtype=np.int32)
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray, latency_ms: np.ndarray | None = None) -> None:
+        x = np.empty((spikes.size, len(MARKER_CHANNELS)), dtype=np.int32)
         x[:, 0] = spikes["unit"]
         x[:, 1] = spikes["channel"]
+        x[:, 2] = -1 if latency_ms is None else np.where(np.isfinite(latency_ms),
+                                                          np.round(np.nan_to_num(latency_ms) * 1000.0), -1)
+        conf = spikes["confidence"]
+        x[:, 3] = np.where(np.isfinite(conf), np.round(np.nan_to_num(conf) * 1000.0), -1)
+        x[:, 4] = spikes["flags"]
         self.outlet.push_chunk(x, timestamps.tolist())
 
     def close(self) -> None:
@@ -140,7 +156,7 @@ class LslStringMarkerSink:
         info.desc().append_child("channels").append_child("channel").append_child_value("label", "unit")
         self.outlet = pylsl.StreamOutlet(info)
 
-    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray, latency_ms: np.ndarray | None = None) -> None:
         if spikes.size:
             self.outlet.push_chunk([str(u) for u in spikes["unit"].tolist()], np.asarray(timestamps, float).tolist())
 

@@ -509,7 +509,7 @@ class OpenEphysSpikeSink:
     def dropped(self) -> int:
         return self.pub.dropped
 
-    def write(self, spikes: np.ndarray, timestamps: np.ndarray) -> None:
+    def write(self, spikes: np.ndarray, timestamps: np.ndarray, latency_ms: np.ndarray | None = None) -> None:
         for frames in spike_messages(spikes, timestamps, self.sampling_rate):
             self.pub.send(frames)
 
