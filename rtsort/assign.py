@@ -201,7 +201,7 @@ def _match_one(x, c, channel_index, templates, candidates, amin, amax, prior, ma
                 lse_m = q
             else:
                 lse_s += np.exp(q - lse_m)
-    ok = best_z >= min_snr and best_a >= min_scale
+    ok = best_u >= 0 and best_z >= min_snr and best_a >= min_scale
     res = np.nan
     if ok:
         energy = 0.0

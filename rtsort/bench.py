@@ -127,7 +127,7 @@ class _ZmqConsumer:
             if self.sub.poll(100):
                 s = decode_spikes(self.sub.recv_multipart())
                 lat.extend((now() - s["timestamp"]).tolist())
-                stamps.extend(s["timestamp"].tolist())
+                stamps.extend(zip(s["timestamp"].tolist(), s["channel"].tolist(), s["unit"].tolist()))
                 flags.extend(s["flags"].tolist())
                 n += s.size
             elif runner.poll() is not None:  # the runner has exited and nothing is left in flight
@@ -155,8 +155,9 @@ class _LslConsumer:
             x, ts = self.inlet.pull_chunk(timeout=0.1, max_samples=4096, as_numpy=True, min_samples=1)
             if len(ts):
                 lat.extend(pylsl.local_clock() - ts)
-                stamps.extend(ts.tolist())
-                flags.extend(x[:, 4].tolist())  # MARKER_CHANNELS
+                # MARKER_CHANNELS: unit, peak_channel, latency_us, confidence_permille, flags
+                stamps.extend(zip(ts.tolist(), x[:, 1].tolist(), x[:, 0].tolist()))
+                flags.extend(x[:, 4].tolist())
                 n += len(ts)
         self.inlet.close_stream()
         return n
@@ -204,7 +205,7 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         run = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         lat_ms = np.asarray(lat) * 1000.0
         if events is not None:
-            _received_at(live, events, np.asarray(stamps, np.float64), lat_ms)
+            _received_at(live, events, stamps, lat_ms)
     later = (np.asarray(flags, np.int64) & FLAG_PEELED) > 0
     return {
         "events_received": int(n),
@@ -230,19 +231,19 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
     }
 
 
-def _received_at(live: Path, out: Path, stamps: np.ndarray, lat_ms: np.ndarray) -> None:
-    """The run's spikes file, each spike with the consumer's latency: matched by trough time, which every
-    transport carries as sent (spikes sharing a trough sample arrive together, in one message)."""
+def _received_at(live: Path, out: Path, received: list, lat_ms: np.ndarray) -> None:
+    """The run's spikes file, each spike with the consumer's latency (NaN: not received): matched by (trough time,
+    channel, unit), which every transport carries as sent."""
     with np.load(live) as f:
         data = {k: f[k] for k in f.files}
-    order = np.argsort(stamps, kind="stable")
-    stamps, lat_ms = stamps[order], lat_ms[order]
-    ts = data["timestamp"]
-    got = np.full(ts.size, np.nan, np.float32)
-    if stamps.size:
-        j = np.clip(np.searchsorted(stamps, ts), 0, stamps.size - 1)
-        hit = stamps[j] == ts
-        got[hit] = lat_ms[j[hit]]
+    arrived: dict = {}
+    for key, lat in zip(received, lat_ms.tolist()):
+        arrived.setdefault(key, []).append(lat)
+    got = np.full(data["timestamp"].size, np.nan, np.float32)
+    for i, key in enumerate(zip(data["timestamp"].tolist(), data["channel"].tolist(), data["unit"].tolist())):
+        lats = arrived.get(key)
+        if lats:
+            got[i] = lats.pop(0)
     np.savez(out, **data, consumer_latency_ms=got)
 
 

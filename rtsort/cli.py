@@ -683,7 +683,8 @@ def _add_bench(sub):
                    help="accuracy against latency: replay this ground-truth recording (a folder with recording.bin "
                         "and truth.npz, as rtsort simulate writes) at 1x over each --transport (zmq or lsl; zmq if "
                         "none), sort it live, and score the events that reached this process within 1.5, 2, 3, 5 "
-                        "and 10 ms of their trough. Without --bundle one is trained on the recording (cached)")
+                        "and 10 ms of their trough, in chunks of the first --chunk-ms. Without --bundle one is trained "
+                        "on the recording (cached)")
     p.add_argument("--json", type=Path, help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: latency percentiles and where the time goes")
     p.add_argument("--realtime", action="store_true",

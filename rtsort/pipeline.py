@@ -329,9 +329,12 @@ def pin_to_cpu(cpu: int, now: bool = True) -> None:
 
 
 #: a live run keeps Python's garbage collector out of the hot loop: objects made before the first chunk are frozen
-#: (never scanned again), automatic collection is off, and the young generations are collected every GC_EVERY_S
-#: of samples right after a chunk's spikes have left (the whole heap at each stats report)
+#: (never scanned again), automatic collection is off, and right after a chunk's spikes have left the young
+#: generations are collected every GC_EVERY_S of samples and the whole heap every GC_FULL_EVERY_S (both timed in
+#: the statistics' ``gc_ms``). The collector is process-wide: a run in a thread holds it off for the whole
+#: program until the run ends, then gives back what it found (a freeze made before the run stays).
 GC_EVERY_S = 1.0
+GC_FULL_EVERY_S = 60.0
 
 
 class SignalHealth:
@@ -487,8 +490,7 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
         new.warmup(front=False)  # the front end is busy in the stream's thread
         return new
 
-    watcher = None if watch_bundle is None else BundleWatcher(
-        watch_bundle, build, lambda new_bundle: differences(sorter.bundle, new_bundle))
+    watcher = None  # started in the loop's try, so that the sinks are closed whatever happens
     # constant memory over hours of a live run; peeled spikes (collisions, matches) wait for the residual: apart
     compute, sink_ns, latency, wait, arrival, peeled_latency, peeled_wait, gc_s = (Distribution() for _ in range(8))
     stages = [Distribution() for _ in STAGES]
@@ -531,19 +533,22 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
     last_data = time.monotonic()
     next_report = time.monotonic() + report_every_s
     gc_every = max(1, int(GC_EVERY_S * fs))
-    next_gc = gc_every
-    if cpu is not None:
-        pin_to_cpu(cpu)
-    gc_was_on = gc.isenabled()
+    gc_full = max(gc_every, int(GC_FULL_EVERY_S * fs))
+    next_gc, next_full = gc_every, gc_full
+    affinity = os.sched_getaffinity(0)
+    gc_was_on, frozen_before = gc.isenabled(), gc.get_freeze_count()
     gc.collect()
     gc.freeze()
     gc.disable()
     try:
+        if watch_bundle is not None:
+            watcher = BundleWatcher(watch_bundle, build, lambda new_bundle: differences(sorter.bundle, new_bundle))
+        if cpu is not None:
+            pin_to_cpu(cpu)
         while stop is None or not stop.is_set():
             if report is not None and time.monotonic() >= next_report:  # while data flows and while it does not
                 next_report = time.monotonic() + report_every_s
                 report(snapshot())
-                gc.collect()
             chunk = src.read()
             if chunk is None:
                 if isinstance(src, FileSource):
@@ -616,16 +621,22 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             counts["chunks"] += 1
             counts["samples"] += chunk.n_samples
             if counts["samples"] >= next_gc:
+                full = counts["samples"] >= next_full
                 next_gc = counts["samples"] + gc_every
+                if full:
+                    next_full = counts["samples"] + gc_full
                 t2 = time.perf_counter()
-                gc.collect(1)
+                gc.collect(2 if full else 1)
                 gc_s.add_one(time.perf_counter() - t2)
             if duration is not None and counts["samples"] >= duration * fs:
                 break
     except KeyboardInterrupt:
         log.warning("interrupted: closing the sinks")
     finally:
-        gc.unfreeze()
+        if cpu is not None:
+            os.sched_setaffinity(0, affinity)
+        if frozen_before == 0:
+            gc.unfreeze()
         if gc_was_on:
             gc.enable()
         for name, sink in zip(names, outs):

@@ -1,6 +1,7 @@
 """What closed-loop code gates on: each event's latency, confidence and flags; sinks that never hold each other up;
 the accuracy-against-latency benchmark."""
 
+import gc
 import os
 import socket
 import subprocess
@@ -50,6 +51,7 @@ def test_events_carry_latency_confidence_flags_and_a_slow_sink_delays_no_other(s
     t = threading.Thread(target=receive)
     t.start()
     time.sleep(0.3)  # the subscription reaches the publisher once it binds (ZeroMQ's slow joiner)
+    cpus, collecting = os.sched_getaffinity(0), gc.isenabled()
     try:
         stats = run_stream(trained[1], f"file:{rec.source}", [slow, f"zmq:tcp://127.0.0.1:{port}"], duration=4.0,
                            speed=1.0, cpu=min(os.sched_getaffinity(0)))
@@ -57,6 +59,7 @@ def test_events_carry_latency_confidence_flags_and_a_slow_sink_delays_no_other(s
         done.set()
         t.join(10)
         sub.close(0)
+    assert os.sched_getaffinity(0) == cpus and gc.isenabled() == collecting  # the pin and the collector given back
     ev = np.concatenate(got)
     lat_ms = np.concatenate(arrived) * 1000.0
     assert {"latency_ms", "confidence", "flags"} <= set(ev.dtype.names)

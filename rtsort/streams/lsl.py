@@ -127,8 +127,12 @@ class LslMarkerSink:
         x = np.empty((spikes.size, len(MARKER_CHANNELS)), dtype=np.int32)
         x[:, 0] = spikes["unit"]
         x[:, 1] = spikes["channel"]
-        x[:, 2] = -1 if latency_ms is None else np.where(np.isfinite(latency_ms),
-                                                          np.round(np.nan_to_num(latency_ms) * 1000.0), -1)
+        # -1: unknown; a latency is never below 0 (a clock read a microsecond early is 0)
+        if latency_ms is None:
+            x[:, 2] = -1
+        else:
+            us = np.maximum(np.round(np.nan_to_num(latency_ms) * 1000.0), 0.0)
+            x[:, 2] = np.where(np.isfinite(latency_ms), us, -1)
         conf = spikes["confidence"]
         x[:, 3] = np.where(np.isfinite(conf), np.round(np.nan_to_num(conf) * 1000.0), -1)
         x[:, 4] = spikes["flags"]
