@@ -343,6 +343,11 @@ class Peeler:
         self._z_start = self._z_next = self._d_next = int(first_sample)
         self._hist = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _d_next on
 
+    @property
+    def next_sample(self) -> int:
+        """The sample the next chunk must start with."""
+        return self._start + self._open.shape[0]
+
     def warmup(self) -> None:
         self.detector.warmup()
         self.snippets.warmup()
@@ -363,8 +368,7 @@ class Peeler:
                       self._search_tm, *self._search_tau, self._inv_norm, z)
         _best_matches(z, 0, 0, 1, self._near, 1, np.float32(np.inf), ch, ch)  # the gate as the search passes it
 
-    def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray,
-                label: bool = True):
+    def process(self, filtered: np.ndarray, spikes: np.ndarray, xn: np.ndarray | None, tails: np.ndarray):
         """Add a filtered chunk and the first pass's spikes it completed; return the peeled spikes' (events, units,
         confidences).
 
@@ -372,10 +376,11 @@ class Peeler:
         order) and ``xn`` their snippets in noise units; those with a unit are
         subtracted. ``tails`` are the events the first pass dropped as tails
         (their late phase lies past the template's end, so the second pass
-        sees them again: they are not new). With ``label`` False (overload) the
-        residual advances but nothing is labelled.
+        sees them again: they are not new). Chunks follow one another from
+        :attr:`next_sample`; after a gap (or chunks an overload skipped),
+        :meth:`reset` starts the stream again.
         """
-        end = self._start + self._open.shape[0] + filtered.shape[0]
+        end = self.next_sample + filtered.shape[0]
         if spikes.size and xn is not None and (spikes["unit"] >= 0).any():
             lab = spikes[spikes["unit"] >= 0]
             xl = xn[spikes["unit"] >= 0]
@@ -409,10 +414,10 @@ class Peeler:
         self._start = final
         events = self.detector.process(residual)
         ev, wf, _ = self.snippets.process(residual, first, events)
-        ev, unit, conf = self._label(ev, wf) if label and ev.size else (ev[:0], _NO_UNITS, _NO_CONF)
+        ev, unit, conf = self._label(ev, wf) if ev.size else (ev[:0], _NO_UNITS, _NO_CONF)
         self._remember(ev, unit, _LATER)
         if self.search:
-            mev, munit, mconf = self._search(residual, final, label)
+            mev, munit, mconf = self._search(residual, final)
             self._remember(mev, munit, _LATER)
             if mev.size:
                 ev, unit, conf = np.concatenate([ev, mev]), np.concatenate([unit, munit]), np.concatenate([conf, mconf])
@@ -436,7 +441,7 @@ class Peeler:
             known[:, 3] = source
             self._recent = np.concatenate([self._recent, known])
 
-    def _search(self, residual: np.ndarray, final: int, label: bool):
+    def _search(self, residual: np.ndarray, final: int):
         """Run the searched units' templates over the residual up to ``final``; return the matches decided
         (events, units, confidences: each against noise alone, :meth:`TemplateMatcher.match`).
 
@@ -452,16 +457,12 @@ class Peeler:
         z_hi = final - t_len + 1  # the last window start whose samples are all final, plus one
         m = z_hi - self._z_next
         if m > 0:
-            if label:
-                # whole SIMD vectors: a few more window starts over zeros, computed and dropped (1.5x faster at
-                # 30 samples a chunk than a scalar remainder)
-                z = np.empty((self._z.shape[0], m + (-m % 8)), np.float32)
-                _match_filter(head, residual, self._inv_noise, self._search_used, self._search_slot,
-                              self._search_nk, self._search_tm, *self._search_tau, self._inv_norm, z)
-                self._z = np.concatenate([self._z, z[:, :m]], axis=1)
-            else:  # overload: the matched filters are skipped and the search starts again after the gap
-                self._z = self._z[:, :0]
-                self._z_start = z_hi
+            # whole SIMD vectors: a few more window starts over zeros, computed and dropped (1.5x faster at 30
+            # samples a chunk than a scalar remainder)
+            z = np.empty((self._z.shape[0], m + (-m % 8)), np.float32)
+            _match_filter(head, residual, self._inv_noise, self._search_used, self._search_slot,
+                          self._search_nk, self._search_tm, *self._search_tau, self._inv_norm, z)
+            self._z = np.concatenate([self._z, z[:, :m]], axis=1)
             self._z_next = z_hi
         d_hi = final - self._search_lag
         self._hist = _last_rows(hist, residual, final - max(d_lo, d_hi))
@@ -470,7 +471,7 @@ class Peeler:
         self._d_next = d_hi
         n_u = self._z.shape[0]
         n = 0
-        if label and n_u:
+        if n_u:
             out_t = np.empty(n_u * ((d_hi - d_lo) // (self.peak_half + 1) + 1), np.int64)
             out_u = np.empty(out_t.size, np.int64)
             n = _best_matches(self._z, self._z_start, d_lo, d_hi, self._near, self.peak_half,
