@@ -211,8 +211,8 @@ def end_to_end(recording: Path, bundle: Path, transport: str, chunk_ms: float, s
         "events_received": int(n),
         "trough_to_event_ms": percentiles(lat_ms),
         # the spikes of the first pass (not peeled: what leaves with its chunk), and the peeled ones, at the consumer
-        "first_pass_trough_to_event_ms": percentiles(lat_ms[~later]) if later.size == lat_ms.size else {},
-        "peeled_trough_to_event_ms": percentiles(lat_ms[later]) if later.size == lat_ms.size else {},
+        "first_pass_trough_to_event_ms": percentiles(lat_ms[~later]),
+        "peeled_trough_to_event_ms": percentiles(lat_ms[later]),
         "wait_ms": run.get("wait_ms", {}),  # trough -> end of the chunk that completed its snippet
         "arrival_ms": run.get("arrival_ms", {}),  # a chunk's last sample taken -> chunk read by rtsort
         "emitted_ms": run.get("trough_to_emit_ms", {}),  # trough -> sent by rtsort (wait, transport in, compute)
@@ -286,11 +286,12 @@ def accuracy_vs_latency(recording_dir: Path, bundle: Path | None, transport: str
     # the samples the run saw: the replay's first messages may go out before rtsort's subscription has reached it
     # (ZeroMQ's slow joiner; counted as the run's missing samples), and spikes of the last 10 ms may not be
     # complete when the replay stops
+    margin = int(0.01 * rec.sampling_rate)
     first = max(0, n - int(row.get("samples", 0)) - int(row.get("gap_samples", 0)))
-    last = n - int(0.01 * rec.sampling_rate)
-    t_keep = (truth["sample_index"] >= first + int(0.01 * rec.sampling_rate)) & (truth["sample_index"] < last)
+    last = n - margin
+    t_keep = (truth["sample_index"] >= first + margin) & (truth["sample_index"] < last)
     ti, tu = truth["sample_index"][t_keep], truth["unit"][t_keep]
-    keep = (idx >= first + int(0.01 * rec.sampling_rate)) & (idx < last)
+    keep = (idx >= first + margin) & (idx < last)
     idx, unit, got = idx[keep], unit[keep], got[keep]
     by_deadline = []
     for d in DEADLINES_MS + (np.inf,):
@@ -323,12 +324,9 @@ def accuracy_markdown(rows: list) -> str:
 
 
 def plot_accuracy(rows: list, path: Path) -> None:
-    import matplotlib
+    from .report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(10, 4))
     for i, r in enumerate(rows):
         d = [x for x in r["accuracy_by_deadline"] if x["within_ms"] is not None]
         a1.plot([x["within_ms"] for x in d], [x["mean_accuracy"] for x in d], "o-", color=f"C{i}",
@@ -348,9 +346,7 @@ def plot_accuracy(rows: list, path: Path) -> None:
     a2.set_ylabel("events")
     a2.set_title("latency")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def in_process(recording: Path, bundle: Path, chunk_ms: float, seconds: float) -> dict:
@@ -567,14 +563,11 @@ def comparison_lines(report: dict) -> list:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import pyplot, save_figure
 
     rows = report["results"]
     labels = [f"{r['channels']} ch\n{r['chunk_ms']:g} ms\n{r['transport']}" for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
     qs = ("p50", "p90", "p99", "p99.9", "max")
     for i, r in enumerate(rows):
         d = r.get("trough_to_event_ms") or r.get("compute_ms", {})
@@ -596,6 +589,4 @@ def plot(report: dict, path: Path) -> None:
     a2.set_ylabel("ms per chunk (mean of each stage)")
     a2.set_title("where the time goes (in the sorter)")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -272,8 +272,7 @@ class AssignConfig:
 
     def __post_init__(self):
         _check_fractions("assign", self, ("track_rate", "track_within"))
-        if not self.confidence_temperature > 0:
-            raise ConfigError(f"assign.confidence_temperature must be > 0, got {self.confidence_temperature}")
+        _check_positive("assign.confidence_temperature", self.confidence_temperature)
         _check_ints("assign", self, ("template_candidates", "template_max_shift"), 0, 64)
         _check_positive("assign.template_min_snr", self.template_min_snr, allow_zero=True)
         _check_positive("assign.template_min_scale", self.template_min_scale, allow_zero=True)

@@ -201,6 +201,18 @@ def detect_locally_exclusive(filtered: np.ndarray, positions_um: np.ndarray, sam
 WELL_DETECTED = 0.8
 
 
+def _comparison(spike_index, spike_unit, truth_index, truth_unit, sampling_rate: float, delta_ms: float):
+    """SpikeInterface's ground-truth comparison of labelled spikes: (the comparison, the sorting)."""
+    import spikeinterface.core as si
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    gt = si.NumpySorting.from_samples_and_labels([np.asarray(truth_index, np.int64)],
+                                                 [np.asarray(truth_unit, np.int64)], sampling_rate)
+    so = si.NumpySorting.from_samples_and_labels([np.asarray(spike_index, np.int64)],
+                                                 [np.asarray(spike_unit, np.int64)], sampling_rate)
+    return compare_sorter_to_ground_truth(gt, so, delta_time=delta_ms, exhaustive_gt=True), so
+
+
 def sorting_accuracy(spike_index: np.ndarray, spike_unit: np.ndarray, truth_index: np.ndarray,
                      truth_unit: np.ndarray, sampling_rate: float, delta_ms: float = 0.4) -> dict:
     """SpikeInterface's ground-truth comparison of a sorting (unit -1 = unassigned, left out).
@@ -209,15 +221,8 @@ def sorting_accuracy(spike_index: np.ndarray, spike_unit: np.ndarray, truth_inde
     unit; "well detected" = accuracy >= 0.8; a false-positive unit is a sorted
     unit matched to no true unit.
     """
-    import spikeinterface.core as si
-    from spikeinterface.comparison import compare_sorter_to_ground_truth
-
     keep = spike_unit >= 0
-    gt = si.NumpySorting.from_samples_and_labels([np.asarray(truth_index, np.int64)],
-                                                 [np.asarray(truth_unit, np.int64)], sampling_rate)
-    so = si.NumpySorting.from_samples_and_labels([np.asarray(spike_index[keep], np.int64)],
-                                                 [np.asarray(spike_unit[keep], np.int64)], sampling_rate)
-    cmp = compare_sorter_to_ground_truth(gt, so, delta_time=delta_ms, exhaustive_gt=True)
+    cmp, so = _comparison(spike_index[keep], spike_unit[keep], truth_index, truth_unit, sampling_rate, delta_ms)
     perf = cmp.get_performance(method="by_unit")
     units = []
     for uid, row in perf.iterrows():
@@ -244,14 +249,8 @@ def right_labels(spikes: np.ndarray, truth_index: np.ndarray, truth_unit: np.nda
     """For each spike with a unit (``spikes["unit"] >= 0``, in order): does a true spike of the true unit its
     sorted unit is matched to (SpikeInterface's comparison, Hungarian matching) lie within ``delta_ms``? The
     spikes of a sorted unit matched to no true unit are wrong."""
-    import spikeinterface.core as si
-    from spikeinterface.comparison import compare_sorter_to_ground_truth
-
     lab = spikes[spikes["unit"] >= 0]
-    gt = si.NumpySorting.from_samples_and_labels([truth_index.astype(np.int64)], [truth_unit.astype(np.int64)], fs)
-    so = si.NumpySorting.from_samples_and_labels([lab["sample_index"].astype(np.int64)],
-                                                 [lab["unit"].astype(np.int64)], fs)
-    cmp = compare_sorter_to_ground_truth(gt, so, delta_time=delta_ms, exhaustive_gt=True)
+    cmp, _ = _comparison(lab["sample_index"], lab["unit"], truth_index, truth_unit, fs, delta_ms)
     match = {int(k): int(v) for k, v in cmp.hungarian_match_21.items()}  # sorted unit -> true unit or -1
     tol = int(round(delta_ms * fs / 1000.0))
     right = np.zeros(lab.size, bool)

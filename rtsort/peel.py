@@ -342,11 +342,17 @@ class Peeler:
         self._z = np.zeros((self._search_units.size, 0), np.float32)  # the matched filters from _z_start on
         self._z_start = self._z_next = self._d_next = int(first_sample)
         self._hist = np.zeros((0, self.templates_uv.shape[2]), np.float32)  # residual (uV) from _d_next on
+        self._skipped = 0  # samples skipped (:meth:`skip`) since the last chunk processed
 
     @property
     def next_sample(self) -> int:
         """The sample the next chunk must start with."""
-        return self._start + self._open.shape[0]
+        return self._start + self._open.shape[0] + self._skipped
+
+    def skip(self, n_samples: int) -> None:
+        """Let ``n_samples`` pass unseen (an overload: nothing was labelled, so nothing would be subtracted); the
+        next chunk starts the stream afresh, as after a gap."""
+        self._skipped += int(n_samples)
 
     def warmup(self) -> None:
         self.detector.warmup()
@@ -377,9 +383,11 @@ class Peeler:
         subtracted. ``tails`` are the events the first pass dropped as tails
         (their late phase lies past the template's end, so the second pass
         sees them again: they are not new). Chunks follow one another from
-        :attr:`next_sample`; after a gap (or chunks an overload skipped),
-        :meth:`reset` starts the stream again.
+        :attr:`next_sample`; after a gap :meth:`reset` starts the stream
+        again, as the first chunk after :meth:`skip` does.
         """
+        if self._skipped:
+            self.reset(self.next_sample)
         end = self.next_sample + filtered.shape[0]
         if spikes.size and xn is not None and (spikes["unit"] >= 0).any():
             lab = spikes[spikes["unit"] >= 0]

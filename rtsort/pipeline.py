@@ -150,7 +150,6 @@ class Pipeline:
         self.n_candidates_claimed = 0  # shallow events a template claimed: spikes (in n_spikes)
         self.n_tails = 0  # a bigger spike's late phase, not spikes: nearest a tail centroid, or LatePhase's
         self.last_peeled = 0  # how many of the last chunk's spikes (its last ones) the peeler found
-        self.peel_skipped = 0  # samples of overload chunks the peeler has not seen (it restarts after them)
         self.stage_ns = np.zeros(len(STAGES), dtype=np.int64)  # the last chunk's cost per stage
 
     def warmup(self, front: bool = True) -> None:
@@ -172,7 +171,6 @@ class Pipeline:
         self.late_phase.reset()
         if self.peeler is not None:
             self.peeler.reset(first_sample)
-        self.peel_skipped = 0
 
     def process(self, samples: np.ndarray, encode: bool = True) -> np.ndarray:
         """One chunk of raw samples (n, C) -> the spikes it completed (SPIKE_DTYPE), labelled.
@@ -258,12 +256,9 @@ class Pipeline:
         if self.peeler is not None and not encode:
             # overload: nothing was labelled, so nothing would be subtracted and the second pass would only detect
             # the first pass's spikes again; it is skipped, and starts afresh after the overload, as after a gap
-            self.peel_skipped += filtered.shape[0]
+            self.peeler.skip(filtered.shape[0])
         elif self.peeler is not None:  # fed every other chunk: the residual stream must stay whole
             t5 = time.perf_counter_ns()
-            if self.peel_skipped:
-                self.peeler.reset(self.peeler.next_sample + self.peel_skipped)
-                self.peel_skipped = 0
             pev, punit, pconf = self.peeler.process(filtered, spikes, xn, tails)
             if pev.size:  # at the end of the chunk's spikes, a little later than the others
                 spikes = np.concatenate([spikes, labelled(pev, punit, np.nan, pconf * self.purity[punit], FLAG_PEELED)])
@@ -600,8 +595,8 @@ def run_stream(bundle, source: str, sinks=(), duration: float | None = None, idl
             if spikes.size:
                 ts = (chunk.timestamp if chunk.timestamp is not None else np.nan) + \
                     (spikes["sample_index"] - chunk.first_sample) / fs
-                late = now() - ts  # trough to emission, on the source's clock (NaN: no timestamps)
-                late_ms = (late * 1000.0).astype(np.float32) if live else np.full(spikes.size, np.nan, np.float32)
+                late = now() - ts  # trough to emission, on the source's clock (NaN: an unpaced file, no timestamps)
+                late_ms = (late * 1000.0).astype(np.float32)
                 for name, sink in zip(names, outs):
                     if name in failed:
                         continue

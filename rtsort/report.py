@@ -25,7 +25,8 @@ METRIC_COLUMNS = ("n_spikes", "firing_rate_hz", "snr", "isi_violations_ratio", "
                   "amplitude_cutoff", "isolation_distance", "l_ratio", "silhouette")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,10 +35,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def _grid(n: int, cols: int = 8):
@@ -46,12 +47,12 @@ def _grid(n: int, cols: int = 8):
 
 
 def _colour(u: int):
-    return _plt().get_cmap("tab20")(u % 20)
+    return pyplot().get_cmap("tab20")(u % 20)
 
 
 def plot_waveforms(bundle, path: Path, n_channels: int = 4) -> None:
     """Each unit's mean waveform (uV) on its ``n_channels`` biggest channels, stacked by depth."""
-    plt = _plt()
+    plt = pyplot()
     tm = bundle.templates  # (U, T, C)
     n = tm.shape[0]
     cols, rows = _grid(n)
@@ -73,11 +74,11 @@ def plot_waveforms(bundle, path: Path, n_channels: int = 4) -> None:
         ax.set_title(f"unit {u}: {row['n_spikes']} sp, SNR {row['snr']:.1f}" +
                      (" *" if row.get("flags") else ""), fontsize=7)
     fig.suptitle(f"mean waveforms ({n_channels} biggest channels, uV, ms from the trough; * = flagged)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_probe(bundle, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     pos = bundle.probe.positions_um
     fig, ax = plt.subplots(figsize=(4, max(4, min(14, np.ptp(pos[:, 1]) / 60 + 2))))
     ax.scatter(pos[:, 0], pos[:, 1], s=8, color="0.75", marker="s", label="channels")
@@ -90,12 +91,12 @@ def plot_probe(bundle, path: Path) -> None:
     ax.set_xlabel("x (um)")
     ax.set_ylabel("y (um)")
     ax.set_title("unit positions (size ~ SNR, black edge = flagged)", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_feature_space(bundle, path: Path) -> None:
     """Centroids (one per group; a unit may own several) in the first two principal axes of feature space."""
-    plt = _plt()
+    plt = pyplot()
     c = bundle.centroids.astype(np.float64)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     if c.shape[0] >= 2:
@@ -110,7 +111,7 @@ def plot_feature_space(bundle, path: Path) -> None:
         ax.set_xlabel(f"axis 1 ({100 * share[0]:.0f} % of the spread)")
         ax.set_ylabel(f"axis 2 ({100 * share[1]:.0f} %)")
     ax.set_title("centroids in feature space (label = unit)", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def spike_summary(spikes: np.ndarray, sampling_rate: float) -> list:
@@ -130,7 +131,7 @@ def spike_summary(spikes: np.ndarray, sampling_rate: float) -> list:
 
 
 def plot_isi(spikes: np.ndarray, sampling_rate: float, path: Path, max_ms: float = 50.0) -> None:
-    plt = _plt()
+    plt = pyplot()
     units = np.unique(spikes["unit"][spikes["unit"] >= 0])
     cols, rows = _grid(max(len(units), 1))
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.6 * rows), squeeze=False)
@@ -146,12 +147,12 @@ def plot_isi(spikes: np.ndarray, sampling_rate: float, path: Path, max_ms: float
         ax.set_title(f"unit {u}: {pct:.2f} % < {REFRACTORY_MS:g} ms", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.suptitle("inter-spike intervals (ms; red: refractory period)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_activity(spikes: np.ndarray, sampling_rate: float, path: Path, bin_s: float = 1.0) -> None:
     """Firing rate over time (one row per unit) and every spike's amplitude over time."""
-    plt = _plt()
+    plt = pyplot()
     t = spikes["sample_index"] / sampling_rate
     units = np.unique(spikes["unit"][spikes["unit"] >= 0])
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 3 + 0.12 * len(units) + 3), sharex=True)
@@ -172,7 +173,7 @@ def plot_activity(spikes: np.ndarray, sampling_rate: float, path: Path, bin_s: f
     a2.set_ylabel("trough amplitude (uV)")
     a2.set_xlabel("time (s)")
     a2.set_title("amplitude over time (grey: unassigned)", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _table(rows: list, columns) -> str:

@@ -29,8 +29,8 @@ SPIKE_DTYPE = np.dtype([("sample_index", "<i8"), ("unit", "<i4"), ("channel", "<
 #: ``flags`` bits. PEELED: found by a later pass over the residual (a collision partner, a template match,
 #: rtsort.peel); it leaves after its chunk's other spikes, with the chunk that made the residual final.
 #: UNENCODED: its chunk arrived past the overload bound, so it leaves detected but unlabelled (-1).
-#: CORRECTION: a new label for a spike emitted before; no stage of the runtime relabels an emitted spike today,
-#: so none is sent, but consumers should treat such an event as replacing the earlier one.
+#: CORRECTION: a new label for a spike emitted before, replacing the earlier event; no stage of the runtime
+#: relabels an emitted spike, so none is sent.
 FLAG_PEELED, FLAG_UNENCODED, FLAG_CORRECTION = 1, 2, 4
 
 

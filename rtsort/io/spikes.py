@@ -27,6 +27,18 @@ def save_spikes(path: str | Path, spikes: np.ndarray, sampling_rate: float, **ex
     return path
 
 
+def as_spikes(fields, n: int) -> np.ndarray:
+    """A SPIKE_DTYPE array of ``n`` spikes from ``fields`` (a mapping or a structured array) holding some of its
+    fields; those missing (a file of an older rtsort) are 0, and ``confidence`` NaN (not known)."""
+    names = fields.dtype.names if isinstance(fields, np.ndarray) else fields.keys()
+    spikes = np.zeros(n, dtype=SPIKE_DTYPE)
+    spikes["confidence"] = np.nan
+    for name in SPIKE_DTYPE.names:
+        if name in names:
+            spikes[name] = fields[name]
+    return spikes
+
+
 def load_spikes(path: str | Path) -> tuple[np.ndarray, float]:
     """Read a spikes file: (SPIKE_DTYPE array, sampling_rate); a one-line error when it is not one."""
     path = Path(path)
@@ -41,11 +53,7 @@ def load_spikes(path: str | Path) -> tuple[np.ndarray, float]:
     except (ValueError, OSError) as exc:
         raise RecordingError(f"{path}: not a readable .npz spikes file ({exc})") from None
     n = data["sample_index"].shape[0]
-    spikes = np.zeros(n, dtype=SPIKE_DTYPE)
-    spikes["confidence"] = np.nan  # a file written without confidences
     for name in SPIKE_DTYPE.names:
-        if name in data:
-            if data[name].shape != (n,):
-                raise RecordingError(f"{path}: {name} has shape {data[name].shape}, expected ({n},)")
-            spikes[name] = data[name]
-    return spikes, float(data["sampling_rate"])
+        if name in data and data[name].shape != (n,):
+            raise RecordingError(f"{path}: {name} has shape {data[name].shape}, expected ({n},)")
+    return as_spikes(data, n), float(data["sampling_rate"])

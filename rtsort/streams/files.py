@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RecordingError
-from ..io.spikes import save_spikes
+from ..io.spikes import as_spikes, save_spikes
 from ..types import SPIKE_DTYPE
 
 log = logging.getLogger("rtsort.streams.files")
@@ -67,11 +67,7 @@ def read_spike_log(path: str | Path) -> tuple[np.ndarray, float, np.ndarray, np.
     body = data[end + 1:]
     n = len(body) // dtype.itemsize  # the record being written when the process died is dropped
     rec = np.frombuffer(body, dtype=dtype, count=n)
-    spikes = np.zeros(n, SPIKE_DTYPE)
-    spikes["confidence"] = np.nan
-    for name in SPIKE_DTYPE.names:
-        if name in dtype.names:
-            spikes[name] = rec[name]
+    spikes = as_spikes(rec, n)
     latency = rec["latency_ms"].astype(np.float32) if "latency_ms" in dtype.names else np.full(n, np.nan, np.float32)
     return spikes, fs, rec["timestamp"].copy(), latency
 

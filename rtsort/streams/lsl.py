@@ -111,6 +111,11 @@ class LslSource:
 MARKER_CHANNELS = ("unit", "peak_channel", "latency_us", "confidence_permille", "flags")
 
 
+def _thousandths(values: np.ndarray) -> np.ndarray:
+    """x 1000, rounded, never below 0 (a clock read a microsecond early is 0); -1 where unknown (NaN)."""
+    return np.where(np.isfinite(values), np.maximum(np.round(np.nan_to_num(values) * 1000.0), 0.0), -1)
+
+
 class LslMarkerSink:
     def __init__(self, name: str):
         import pylsl
@@ -127,14 +132,8 @@ class LslMarkerSink:
         x = np.empty((spikes.size, len(MARKER_CHANNELS)), dtype=np.int32)
         x[:, 0] = spikes["unit"]
         x[:, 1] = spikes["channel"]
-        # -1: unknown; a latency is never below 0 (a clock read a microsecond early is 0)
-        if latency_ms is None:
-            x[:, 2] = -1
-        else:
-            us = np.maximum(np.round(np.nan_to_num(latency_ms) * 1000.0), 0.0)
-            x[:, 2] = np.where(np.isfinite(latency_ms), us, -1)
-        conf = spikes["confidence"]
-        x[:, 3] = np.where(np.isfinite(conf), np.round(np.nan_to_num(conf) * 1000.0), -1)
+        x[:, 2] = -1 if latency_ms is None else _thousandths(latency_ms)
+        x[:, 3] = _thousandths(spikes["confidence"])
         x[:, 4] = spikes["flags"]
         self.outlet.push_chunk(x, timestamps.tolist())
 
